@@ -1,0 +1,125 @@
+"""Physical-space bookkeeping: working grids, resampling, voxel <-> mm displacement fields.
+
+Convention (as SimpleITK, LPS): a displacement field u on the fixed grid maps a fixed physical
+point x to its match in the moving image, x + u(x). Torch tensors are (B, C, z, y, x) with
+displacement channels in voxel units along (z, y, x), as MONAI's Warp expects.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+
+def direction_matrix(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
+    """3x3 matrix M with physical = origin + M @ (i, j, k)."""
+    return direction_matrix(image) * np.array(image.GetSpacing(), dtype=np.float64)
+
+
+def physical_center(image: sitk.Image) -> np.ndarray:
+    half = (np.array(image.GetSize(), dtype=np.float64) - 1) / 2
+    return np.array(image.GetOrigin()) + index_to_physical_matrix(image) @ half
+
+
+def make_grid(size: Sequence[int], spacing: Sequence[float], direction: np.ndarray,
+              center: np.ndarray) -> sitk.Image:
+    """An empty float32 image of `size` (x, y, z) whose voxel grid is centred on `center`."""
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).ravel()])
+    half = (np.array(size, dtype=np.float64) - 1) / 2
+    origin = np.asarray(center, dtype=np.float64) - index_to_physical_matrix(grid) @ half
+    grid.SetOrigin([float(v) for v in origin])
+    return grid
+
+
+def working_grid(fixed: sitk.Image, card: dict) -> sitk.Image:
+    """The model's working grid (spacing, size, orientation from its card) centred on the fixed volume."""
+    grid_card = card["working_grid"]
+    return make_grid(grid_card["size"], grid_card["spacing"],
+                     np.array(grid_card.get("direction", np.eye(3).ravel())).reshape(3, 3),
+                     physical_center(fixed))
+
+
+def resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
+             interpolator=sitk.sitkLinear, default: float = 0.0, pixel_type=None) -> sitk.Image:
+    pixel_type = image.GetPixelID() if pixel_type is None else pixel_type
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, default, pixel_type)
+
+
+def to_tensor(image: sitk.Image, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 1, z, y, x) float32 tensor of a scalar image, or (1, C, z, y, x) of a vector image."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    tensor = torch.from_numpy(array)
+    tensor = tensor.permute(3, 0, 1, 2) if tensor.ndim == 4 else tensor[None]
+    return tensor[None].to(device)
+
+
+def voxel_ddf_to_mm(ddf_voxels: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """(3, z, y, x) voxel displacement along (z, y, x) -> (z, y, x, 3) physical LPS displacement in mm."""
+    xyz = np.stack([ddf_voxels[2], ddf_voxels[1], ddf_voxels[0]], axis=-1).astype(np.float64)
+    return xyz @ index_to_physical_matrix(grid).T
+
+
+def mm_to_voxel_ddf(displacement_mm: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Inverse of voxel_ddf_to_mm."""
+    xyz = displacement_mm @ np.linalg.inv(index_to_physical_matrix(grid)).T
+    return np.stack([xyz[..., 2], xyz[..., 1], xyz[..., 0]], axis=0).astype(np.float32)
+
+
+def displacement_image(displacement_mm: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """A float64 vector image (what sitk.DisplacementFieldTransform takes) on `grid`."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(displacement_mm, dtype=np.float64), isVector=True)
+    image.CopyInformation(grid)
+    return image
+
+
+def physical_points(grid: sitk.Image) -> np.ndarray:
+    """(z, y, x, 3) physical coordinates of every voxel of `grid` (float64)."""
+    size = grid.GetSize()
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in size[::-1]), indexing="ij")
+    index = np.stack([i, j, k], axis=-1)
+    return index @ index_to_physical_matrix(grid).T + np.array(grid.GetOrigin())
+
+
+def apply_affine(points: np.ndarray, affine: sitk.AffineTransform) -> np.ndarray:
+    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
+    center = np.array(affine.GetCenter())
+    translation = np.array(affine.GetTranslation())
+    return (points - center) @ matrix.T + center + translation
+
+
+def compose_to_fixed_grid(working_displacement: sitk.Image | None, affine: sitk.AffineTransform | None,
+                          fixed: sitk.Image) -> np.ndarray:
+    """Total displacement (z, y, x, 3) mm on the fixed grid of x -> affine(x + d_working(x)).
+
+    Outside the working grid the deformable part is zero, so the transform there is the affine alone.
+    """
+    points = physical_points(fixed)
+    moved = points
+    if working_displacement is not None:
+        on_fixed = resample(working_displacement, fixed, pixel_type=sitk.sitkVectorFloat64)
+        moved = points + sitk.GetArrayFromImage(on_fixed)
+    if affine is not None:
+        moved = apply_affine(moved, affine)
+    return moved - points
+
+
+def jacobian_determinant(displacement_mm: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """det(I + du/dx) with derivatives taken in physical space (handles oblique directions)."""
+    spacing = np.array(grid.GetSpacing())
+    direction = direction_matrix(grid)
+    # grad[..., c, a]: derivative of component c along index axis a (x, y, z) per mm.
+    grad = np.empty(displacement_mm.shape[:3] + (3, 3), dtype=np.float32)
+    for c in range(3):
+        dz, dy, dx = np.gradient(displacement_mm[..., c].astype(np.float32))
+        grad[..., c, 0], grad[..., c, 1], grad[..., c, 2] = dx / spacing[0], dy / spacing[1], dz / spacing[2]
+    # Chain rule: index-aligned derivatives rotate into physical axes by the direction matrix.
+    jac = grad @ direction.T.astype(np.float32) + np.eye(3, dtype=np.float32)
+    return np.linalg.det(jac)

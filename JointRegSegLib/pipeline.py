@@ -1,0 +1,172 @@
+"""register_and_segment: the core contract (DESIGN.md). Physical space in, physical space out."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .affine import affine_prealign
+from .checkpoint import JointRegSegModel, load_model
+from .device import resolve_device, run_with_cpu_fallback
+from .geometry import (compose_to_fixed_grid, displacement_image, resample, to_tensor, voxel_ddf_to_mm,
+                       working_grid)
+from .imageio import label_image_like, validate_volume
+from .intensity import normalize
+from .progress import Reporter
+from .qc import jacobian_stats, label_volumes_ml
+from .refine import refine_velocity
+
+
+@dataclass
+class Result:
+    """Everything in LPS physical space; on the fixed grid unless the name says moving."""
+
+    displacement: sitk.Image            # total displacement (mm, float64 vectors): fixed x -> moving x + u(x)
+    affine: sitk.AffineTransform | None  # the pre-alignment already composed into `displacement`
+    warped: sitk.Image                  # moving resampled onto the fixed grid by `transform`
+    fixed_segmentation: sitk.Image
+    moving_segmentation: sitk.Image     # on the moving grid
+    warped_moving_segmentation: sitk.Image
+    jacobian_determinant: sitk.Image
+    label_table: list
+    qc: dict = field(default_factory=dict)
+
+    @property
+    def transform(self) -> sitk.DisplacementFieldTransform:
+        """A fresh transform each call (SimpleITK's constructor takes over the image it is given)."""
+        return sitk.DisplacementFieldTransform(sitk.Image(self.displacement))
+
+
+def _as_model(model, device) -> JointRegSegModel:
+    if isinstance(model, JointRegSegModel):
+        model.network.to(device).eval()
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, device)
+    raise TypeError(f"model must be a checkpoint path or a JointRegSegModel, got {type(model).__name__}")
+
+
+def _background(image: sitk.Image) -> float:
+    return float(sitk.GetArrayViewFromImage(image).min())
+
+
+def _logits_image(logits: torch.Tensor, grid: sitk.Image) -> sitk.Image:
+    array = logits[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
+    image = sitk.GetImageFromArray(array, isVector=True)
+    image.CopyInformation(grid)
+    return image
+
+
+def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
+    """Argmax of class probabilities resampled (linearly) onto `reference`; outside the grid: background."""
+    probs = sitk.GetArrayFromImage(logits_image)
+    probs = torch.softmax(torch.from_numpy(probs), dim=-1).numpy()
+    probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
+    prob_image = sitk.GetImageFromArray(probs, isVector=True)
+    prob_image.CopyInformation(logits_image)
+    on_ref = sitk.GetArrayFromImage(resample(prob_image, reference, transform, pixel_type=sitk.sitkVectorFloat32))
+    return np.argmax(on_ref, axis=-1).astype(np.uint8)
+
+
+def _class_values(label_table: list) -> np.ndarray:
+    """Map network channel -> label value (channels are label values; gaps map to 0)."""
+    lut = np.zeros(max(e["value"] for e in label_table) + 1, dtype=np.uint8)
+    for entry in label_table:
+        lut[entry["value"]] = entry["value"]
+    return lut
+
+
+def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: str = "auto",
+                         affine: bool = True, refine_iterations: int = 0, refine_similarity: str | None = None,
+                         refine_smoothness: float | None = None, progress=None, cancel=None) -> Result:
+    """Register `moving` onto `fixed` and segment both with a joint model (see DESIGN.md, core contract).
+
+    progress(stage, fraction) is called as work proceeds; cancel (an Event or a callable) stops it,
+    raising Cancelled. Nothing is written anywhere by this function.
+    """
+    reporter = Reporter(progress, cancel)
+    started = time.perf_counter()
+    with reporter.stage("validate inputs"):
+        moving = validate_volume(moving, "moving")
+        fixed = validate_volume(fixed, "fixed")
+        torch_device = resolve_device(device)
+    with reporter.stage("load model"):
+        model = _as_model(model, torch_device)
+        card = model.card
+    affine_tx = None
+    if affine:
+        with reporter.stage("affine pre-alignment") as stage:
+            affine_tx = affine_prealign(moving, fixed, on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
+    with reporter.stage("resample to working grid"):
+        grid = working_grid(fixed, card)
+        fixed_w = resample(fixed, grid, default=_background(fixed))
+        moving_w = resample(moving, grid, affine_tx, default=_background(moving))
+
+    refine_cfg = {**card.get("refinement", {})}
+    similarity = refine_similarity or refine_cfg.get("similarity", "lncc")
+    smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
+
+    def infer(dev: torch.device):
+        network = model.network.to(dev)
+        fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
+        moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
+        with reporter.stage("network inference"), torch.no_grad():
+            velocity = network.velocity(moving_t, fixed_t)
+            fixed_logits = network.segment(fixed_t)
+            moving_logits = network.segment(moving_t)
+        if refine_iterations > 0:
+            with reporter.stage("test-time refinement") as stage:
+                velocity = refine_velocity(
+                    network, velocity, moving_t, fixed_t, refine_iterations, similarity=similarity,
+                    smoothness=smoothness, learning_rate=refine_cfg.get("learning_rate", 0.05),
+                    on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
+        with torch.no_grad():
+            ddf = network.displacement(velocity, fixed_t.shape[2:])
+        return ddf[0].cpu().numpy(), fixed_logits.cpu(), moving_logits.cpu()
+
+    (ddf_voxels, fixed_logits, moving_logits), used_device = run_with_cpu_fallback(infer, torch_device)
+    model.network.to(torch_device)
+
+    with reporter.stage("compose transform"):
+        working_disp = displacement_image(voxel_ddf_to_mm(ddf_voxels, grid), grid)
+        total_mm = compose_to_fixed_grid(working_disp, affine_tx, fixed)
+        displacement = displacement_image(total_mm, fixed)
+    with reporter.stage("warp moving"):
+        transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
+        warped = resample(moving, fixed, transform, default=_background(moving))
+    with reporter.stage("segmentations"):
+        lut = _class_values(model.label_table)
+        fixed_labels = lut[_labels_on(_logits_image(fixed_logits, grid), fixed)]
+        to_grid = affine_tx.GetInverse() if affine_tx is not None else None
+        moving_labels = lut[_labels_on(_logits_image(moving_logits, grid), moving, to_grid)]
+        fixed_seg = label_image_like(fixed_labels, fixed)
+        moving_seg = label_image_like(moving_labels, moving)
+        warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)
+    with reporter.stage("quality control"):
+        jac, det = jacobian_stats(total_mm, fixed)
+        det_image = sitk.GetImageFromArray(det.astype(np.float32))
+        det_image.CopyInformation(fixed)
+        qc = {
+            **jac,
+            "fixed_volumes_ml": label_volumes_ml(fixed_labels, fixed.GetSpacing(), model.label_table),
+            "moving_volumes_ml": label_volumes_ml(moving_labels, moving.GetSpacing(), model.label_table),
+            "device": str(used_device),
+            "model": card.get("name", "unnamed"),
+            "affine_prealignment": affine,
+            "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
+            "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
+            "refine_iterations": int(refine_iterations),
+            "refine_similarity": similarity if refine_iterations else None,
+            "working_grid": {"size": list(grid.GetSize()), "spacing": list(grid.GetSpacing())},
+            "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()),
+        }
+    qc["timing_s"] = dict(reporter.timings)
+    qc["timing_s"]["total"] = round(time.perf_counter() - started, 4)
+    return Result(displacement=displacement, affine=affine_tx, warped=warped, fixed_segmentation=fixed_seg,
+                  moving_segmentation=moving_seg, warped_moving_segmentation=warped_seg,
+                  jacobian_determinant=det_image, label_table=copy.deepcopy(model.label_table), qc=qc)

@@ -1,0 +1,119 @@
+"""Bad inputs get a message naming the problem and leave nothing on disk; the CLI writes all outputs."""
+import json
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import grid_for, phantom_array, sample_on
+
+from JointRegSegLib import Cancelled, InputImageError, read_image, register_and_segment
+from JointRegSegLib.cli import main
+from JointRegSegLib.outputs import OUTPUT_FILES
+
+
+def _image(array, spacing=(1.0, 1.0, 1.0)):
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32), isVector=False)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    return image
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: _image(np.random.rand(32, 32)), "expected a 3D volume, got a 2D image"),
+    (lambda: _image(np.random.rand(3, 8, 8, 8), (1, 1, 1, 1)), "expected a 3D volume, got a 4D image"),
+    (lambda: _image(np.zeros((8, 8, 8))), "volume is empty"),
+    (lambda: _image(np.where(np.random.rand(8, 8, 8) > 0.5, np.nan, 1.0)), "NaN or infinite"),
+    (lambda: sitk.Compose([_image(np.random.rand(8, 8, 8))] * 3), "scalar volume"),
+])
+def test_bad_volume_is_named(tiny_model, phantom_pair, bad, message):
+    moving, fixed = phantom_pair
+    with pytest.raises(InputImageError, match=message) as info:
+        register_and_segment(bad(), fixed, tiny_model)
+    assert str(info.value).startswith("moving:")
+    with pytest.raises(InputImageError, match="fixed:"):
+        register_and_segment(moving, bad(), tiny_model)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(InputImageError, match="file not found"):
+        read_image(tmp_path / "missing.nii.gz", "moving")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(InputImageError, match="cannot read"):
+        read_image(junk, "fixed")
+
+
+def test_cancel_stops_refinement(tiny_model, phantom_pair):
+    moving, fixed = phantom_pair
+    stop = threading.Event()
+    seen = []
+
+    def progress(stage, fraction):
+        seen.append(stage)
+        if stage == "test-time refinement" and fraction > 0.2:
+            stop.set()
+
+    with pytest.raises(Cancelled):
+        register_and_segment(moving, fixed, tiny_model, refine_iterations=50, progress=progress, cancel=stop)
+    assert "compose transform" not in seen
+
+
+@pytest.fixture
+def pair_files(tmp_path, phantom_pair):
+    moving, fixed = phantom_pair
+    paths = tmp_path / "moving.nrrd", tmp_path / "fixed.nii.gz"
+    sitk.WriteImage(moving, str(paths[0]))
+    sitk.WriteImage(fixed, str(paths[1]))
+    return paths
+
+
+def test_cli_run_writes_every_output(tmp_path, pair_files, tiny_checkpoint, capsys):
+    out = tmp_path / "result"
+    code = main(["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]),
+                 "--model", str(tiny_checkpoint), "--out", str(out), "--refine", "3"])
+    assert code == 0
+    for name in OUTPUT_FILES.values():
+        assert (out / name).is_file(), name
+    qc = json.loads((out / "qc.json").read_text())
+    assert {"folding_percent", "jacobian_min", "fixed_volumes_ml", "timing_s", "device"} <= set(qc)
+    assert qc["device"] == "cpu" and qc["refine_iterations"] == 3
+    assert "PROGRESS" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_cli_failure_leaves_no_files(tmp_path, pair_files, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x80\x04garbage-pickle-bytes")
+    out = tmp_path / "result"
+    code = main(["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]),
+                 "--model", str(broken), "--out", str(out)])
+    assert code == 2
+    assert "never unpickles" in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["broken.safetensors", "moving.nrrd",
+                                                                 "fixed.nii.gz"])
+
+
+def test_cli_info_prints_the_card(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-test-model" in printed and "1=core" in printed and "working grid: [48, 48, 48]" in printed
+
+
+def test_dicom_folder_input(tmp_path):
+    image = sitk.Cast(sample_on(grid_for("axis-aligned"), phantom_array), sitk.sitkInt16)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        slice_.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        slice_.SetMetaData("0020|0013", str(k))
+        slice_.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(slice_)
+    volume = read_image(folder, "moving")
+    assert volume.GetSize() == image.GetSize()
+    np.testing.assert_allclose(volume.GetSpacing(), image.GetSpacing(), atol=1e-4)
