@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         from .models import default_model_path
         args.model = default_model_path()
     warnings.filterwarnings("ignore", message=".*native grid_sample.*")
+    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     try:
         return args.func(args)
     except JointRegSegError as err:

@@ -39,12 +39,28 @@ def make_grid(size: Sequence[int], spacing: Sequence[float], direction: np.ndarr
     return grid
 
 
+def center_of_mass(image: sitk.Image) -> np.ndarray:
+    """Intensity-weighted centre of the voxels above the lowest value (the anatomy, not the field of view)."""
+    array = sitk.GetArrayViewFromImage(image).astype(np.float64)
+    weights = np.clip(array - array.min(), 0, None)
+    total = weights.sum()
+    if total <= 0:
+        return physical_center(image)
+    index_zyx = [np.tensordot(weights.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(n), 1) / total
+                 for axis, n in enumerate(array.shape)]
+    return np.array(image.GetOrigin()) + index_to_physical_matrix(image) @ np.array(index_zyx[::-1])
+
+
 def working_grid(fixed: sitk.Image, card: dict) -> sitk.Image:
-    """The model's working grid (spacing, size, orientation from its card) centred on the fixed volume."""
+    """The model's working grid (spacing, size, orientation from its card) centred on the fixed anatomy.
+
+    `working_grid.center` = "mass" (default: intensity centre of mass, robust to off-centre fields of
+    view) or "field-of-view".
+    """
     grid_card = card["working_grid"]
+    center = physical_center(fixed) if grid_card.get("center") == "field-of-view" else center_of_mass(fixed)
     return make_grid(grid_card["size"], grid_card["spacing"],
-                     np.array(grid_card.get("direction", np.eye(3).ravel())).reshape(3, 3),
-                     physical_center(fixed))
+                     np.array(grid_card.get("direction", np.eye(3).ravel())).reshape(3, 3), center)
 
 
 def resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,

@@ -144,6 +144,10 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         fixed_labels = lut[_labels_on(_logits_image(fixed_logits, grid), fixed)]
         to_grid = affine_tx.GetInverse() if affine_tx is not None else None
         moving_labels = lut[_labels_on(_logits_image(moving_logits, grid), moving, to_grid)]
+        if card.get("segment_foreground_only"):
+            # models trained on brain-extracted images never saw background voxels labelled
+            fixed_labels[sitk.GetArrayViewFromImage(fixed) <= _background(fixed)] = 0
+            moving_labels[sitk.GetArrayViewFromImage(moving) <= _background(moving)] = 0
         fixed_seg = label_image_like(fixed_labels, fixed)
         moving_seg = label_image_like(moving_labels, moving)
         warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)

@@ -1,0 +1,1 @@
+"""Offline few-shot training data: real templates from registry packages plus synthetic subjects."""

@@ -1,0 +1,23 @@
+"""`jointregseg data build` sub-command."""
+from __future__ import annotations
+
+
+def _cmd_build(args) -> int:
+    from ..progress import stderr_progress
+    from .build import build_dataset
+    out = build_dataset(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_labelled=args.labelled,
+                        progress=stderr_progress)
+    print(f"dataset written to {out}")
+    return 0
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="build the offline few-shot training set")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="templates + synthetic subjects -> a dataset folder")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--train", type=int, default=36, help="synthetic training subjects")
+    build.add_argument("--val", type=int, default=8, help="synthetic validation subjects (labelled)")
+    build.add_argument("--labelled", type=int, default=2, help="training images whose labels may be used")
+    build.set_defaults(func=_cmd_build)
