@@ -111,6 +111,22 @@ def apply_affine(points: np.ndarray, affine: sitk.AffineTransform) -> np.ndarray
     return (points - center) @ matrix.T + center + translation
 
 
+def border_taper(shape_zyx, width_voxels: int = 4) -> np.ndarray:
+    """Weights (z, y, x) rising from 0 at the grid edge to 1 `width_voxels` inside (raised cosine).
+
+    Outside the working grid only the affine applies; without a taper the deformable part would stop
+    abruptly at the grid edge, a jump that folds the transform there.
+    """
+    weights = np.ones(shape_zyx, dtype=np.float64)
+    for axis, n in enumerate(shape_zyx):
+        distance = np.minimum(np.arange(n), np.arange(n)[::-1]).astype(np.float64)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * np.clip(distance / max(width_voxels, 1), 0, 1))
+        shape = [1, 1, 1]
+        shape[axis] = n
+        weights = weights * ramp.reshape(shape)
+    return weights
+
+
 def compose_to_fixed_grid(working_displacement: sitk.Image | None, affine: sitk.AffineTransform | None,
                           fixed: sitk.Image) -> np.ndarray:
     """Total displacement (z, y, x, 3) mm on the fixed grid of x -> affine(x + d_working(x)).

@@ -13,7 +13,7 @@ import torch
 from .affine import affine_prealign
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
-from .geometry import (compose_to_fixed_grid, displacement_image, resample, to_tensor, voxel_ddf_to_mm,
+from .geometry import (border_taper, compose_to_fixed_grid, displacement_image, resample, to_tensor, voxel_ddf_to_mm,
                        working_grid)
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
@@ -133,7 +133,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     model.network.to(torch_device)
 
     with reporter.stage("compose transform"):
-        working_disp = displacement_image(voxel_ddf_to_mm(ddf_voxels, grid), grid)
+        working_mm = voxel_ddf_to_mm(ddf_voxels, grid) * border_taper(ddf_voxels.shape[1:])[..., None]
+        working_disp = displacement_image(working_mm, grid)
         total_mm = compose_to_fixed_grid(working_disp, affine_tx, fixed)
         displacement = displacement_image(total_mm, fixed)
     with reporter.stage("warp moving"):
