@@ -1,10 +1,8 @@
 """Classical affine pre-alignment with SimpleITK (moments initialisation + Mattes MI)."""
 from __future__ import annotations
 
-import numpy as np
 import SimpleITK as sitk
 
-from .geometry import index_to_physical_matrix
 
 
 def _shrunk(image: sitk.Image, target_mm: float) -> sitk.Image:
@@ -42,15 +40,3 @@ def affine_prealign(moving: sitk.Image, fixed: sitk.Image, iterations: int = 100
             method.AddCommand(sitk.sitkIterationEvent, lambda m=method: on_iteration(m.GetOptimizerIteration()))
         method.Execute(fixed_level, moving_level)
     return affine
-
-
-def affine_from_matrix(matrix: np.ndarray, translation: np.ndarray, center=(0.0, 0.0, 0.0)) -> sitk.AffineTransform:
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix([float(v) for v in np.asarray(matrix).ravel()])
-    tx.SetTranslation([float(v) for v in translation])
-    tx.SetCenter([float(v) for v in center])
-    return tx
-
-
-def voxel_extent_mm(image: sitk.Image) -> np.ndarray:
-    return np.abs(index_to_physical_matrix(image) @ (np.array(image.GetSize()) - 1))

@@ -83,12 +83,6 @@ def voxel_ddf_to_mm(ddf_voxels: np.ndarray, grid: sitk.Image) -> np.ndarray:
     return xyz @ index_to_physical_matrix(grid).T
 
 
-def mm_to_voxel_ddf(displacement_mm: np.ndarray, grid: sitk.Image) -> np.ndarray:
-    """Inverse of voxel_ddf_to_mm."""
-    xyz = displacement_mm @ np.linalg.inv(index_to_physical_matrix(grid)).T
-    return np.stack([xyz[..., 2], xyz[..., 1], xyz[..., 0]], axis=0).astype(np.float32)
-
-
 def displacement_image(displacement_mm: np.ndarray, grid: sitk.Image) -> sitk.Image:
     """A float64 vector image (what sitk.DisplacementFieldTransform takes) on `grid`."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(displacement_mm, dtype=np.float64), isVector=True)

@@ -98,18 +98,3 @@ def staged_output_dir(out_dir: str | os.PathLike):
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write to a temporary sibling then rename, so a failure never leaves a truncated file."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

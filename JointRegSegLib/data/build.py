@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +89,3 @@ def load_manifest(folder: str | Path) -> dict:
         from ..errors import JointRegSegError
         raise JointRegSegError(f"{folder}: no dataset.json; build one with `jointregseg data build --out {folder}`")
     return json.loads(path.read_text())
-
-
-def remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
