@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from JointRegSegLib import new_model, save_model
-from JointRegSegLib.geometry import make_grid, physical_center
+from JointRegSegLib.geometry import make_grid
 
 TINY_CARD = {
     "name": "tiny-test-model",
