@@ -4,8 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
 from ..qc import dice_per_label
-from ..geometry import jacobian_determinant
+from ..refine import refine_velocity
+
+
+def _mean_dice(a: torch.Tensor, b: torch.Tensor, table) -> float:
+    return float(np.nanmean(list(dice_per_label(a.numpy().squeeze(), b.numpy().squeeze(), table).values())))
 
 
 def _labels_of(data, name):
@@ -16,27 +21,24 @@ def _labels_of(data, name):
 def evaluate_pairs(model, data, refine_iterations: int = 0) -> dict:
     net = model.network.eval()
     table = model.card["labels"]
+    grid_spec = data.manifest["working_grid"]
+    grid = make_grid(grid_spec["size"], grid_spec["spacing"], np.array(grid_spec["direction"]).reshape(3, 3),
+                     np.zeros(3))
     reg, seg, before, folding = [], [], [], []
     for pair in data.manifest["validation_pairs"]:
         m_name, f_name = pair["moving"], pair["fixed"]
         m, f = data.images[m_name], data.images[f_name]
         velocity = net.velocity(m, f)
         if refine_iterations:
-            from ..refine import refine_velocity
             velocity = refine_velocity(net, velocity, m, f, refine_iterations)
         ddf = net.displacement(velocity, f.shape[2:])
         m_lab, f_lab = _labels_of(data, m_name), _labels_of(data, f_name)
         warped = net.warp_nearest(m_lab.float(), ddf).long()
-        reg.append(np.nanmean(list(dice_per_label(warped.numpy()[0, 0], f_lab.numpy()[0, 0], table).values())))
-        before.append(np.nanmean(list(dice_per_label(m_lab.numpy()[0, 0], f_lab.numpy()[0, 0], table).values())))
-        pred = net.segment(f).argmax(1)
-        seg.append(np.nanmean(list(dice_per_label(pred.numpy()[0], f_lab.numpy()[0, 0], table).values())))
-        spacing = data.manifest["working_grid"]["spacing"]
-        disp = ddf[0].numpy().transpose(1, 2, 3, 0)[..., ::-1] * np.array(spacing)
-        import SimpleITK as sitk
-        grid = sitk.Image(list(f.shape[2:][::-1]), sitk.sitkFloat32)
-        grid.SetSpacing(spacing)
-        folding.append(100.0 * float((jacobian_determinant(disp, grid) <= 0).mean()))
+        reg.append(_mean_dice(warped, f_lab, table))
+        before.append(_mean_dice(m_lab, f_lab, table))
+        seg.append(_mean_dice(net.segment(f).argmax(1), f_lab, table))
+        displacement_mm = voxel_ddf_to_mm(ddf[0].numpy(), grid)
+        folding.append(100.0 * float((jacobian_determinant(displacement_mm, grid) <= 0).mean()))
     return {"validation_pairs": len(reg), "registration_dice_mean": float(np.mean(reg)),
             "dice_before_registration": float(np.mean(before)), "segmentation_dice_mean": float(np.mean(seg)),
             "folding_percent_mean": float(np.mean(folding)), "refine_iterations": refine_iterations,
