@@ -100,3 +100,46 @@ def test_training_resumes_after_a_stop(tmp_path, tiny_dataset):
     final = load_model(out)
     assert not all(torch.equal(a, b) for a, b in zip(partial.network.state_dict().values(),
                                                       final.network.state_dict().values()))
+
+
+def test_strategy_list_matches_the_implementations():
+    from JointRegSegLib.training.cli import STRATEGIES as listed
+    from JointRegSegLib.training.strategies import STRATEGIES
+    assert set(listed) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy", ["deeprs", "unsupervised"])
+def test_other_strategies_train_and_record_their_paper(tmp_path, tiny_dataset, strategy):
+    config = {**CONFIG, "name": f"tiny-{strategy}", "strategy": strategy,
+              "steps": {"reg_pretrain": 3, "seg_pretrain": 2, "joint": 3}}
+    if strategy == "deeprs":
+        config["weights"] = {"adv": 1.0, "drc": 10.0, "cc": 1.0, "R": 1.0, "acm": 1.0, "ce": 1.0}
+        config["discriminator"] = {"channels": [4, 8], "strides": [2]}
+    out = train(config, tiny_dataset, tmp_path / "m.safetensors", device="cpu")
+    card = load_model(out).card
+    assert card["training"]["strategy"] == strategy
+    assert card["training"]["paper"] and card["training"]["implements"]
+    rows = [line.split(",") for line in (tmp_path / "m.log.csv").read_text().splitlines()[1:]]
+    phases = {row[1] for row in rows}
+    expected = {"joint_disc", "joint_reg", "joint_seg"} if strategy == "deeprs" else {"joint_reg"}
+    assert expected <= phases
+    assert not (tmp_path / "m.aux.safetensors").exists()
+
+
+def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_dataset):
+    import os
+    import subprocess
+    import sys
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG, "steps": {"reg_pretrain": 2, "seg_pretrain": 2, "joint": 2}}))
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "JointRegSegLib", "train", "--config", str(config), "--data", str(tiny_dataset),
+                           "--out", str(out), "--device", "cpu"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = load_model(out).card
+    assert card["training"]["world_size"] == 2
+    # one log row per update, written by rank 0 only
+    assert len((tmp_path / "ddp.log.csv").read_text().splitlines()) == 1 + 2 + 2 + 2 + 1

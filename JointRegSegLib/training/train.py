@@ -1,67 +1,29 @@
-"""The training loop shared by every strategy: pretrain registration, pretrain segmentation, then
-alternate (DeepAtlas, Xu & Niethammer, MICCAI 2019). Strategies supply the losses."""
+"""The training loop shared by every strategy (strategies.py supplies the losses and updates):
+pretrain registration, pretrain segmentation, then joint training; resumable, logged, and
+distributed with torch DDP under torchrun."""
 from __future__ import annotations
 
 import copy
 import csv
 import json
+import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import load_model, new_model, save_model
 from ..device import resolve_device
+from ..errors import JointRegSegError
 from ..progress import Reporter
 from .dataset import FewShotData, load_fewshot
-
-
-class JointLosses:
-    """DeepAtlas losses. Registration (Eq. 1): -LNCC + w_smooth * diffusion(ddf) + w_anatomy * Dice(warped
-    moving seg, fixed seg), with predicted segmentations where a manual one is missing. Segmentation
-    (Eq. 2): w_supervised * Dice on labelled images + w_anatomy * Dice(seg(fixed), warped moving labels)."""
-
-    def __init__(self, weights: dict):
-        self.w = weights
-        self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9)
-        self.smooth = DiffusionLoss()
-        self.dice = DiceLoss(include_background=False)
-
-    def registration(self, net, data: FewShotData, moving: str, fixed: str, use_predicted: bool) -> dict:
-        m, f = data.images[moving], data.images[fixed]
-        ddf = net.displacement(net.velocity(m, f), f.shape[2:])
-        terms = {"similarity": self.similarity(net.warp(m, ddf), f), "smooth": self.smooth(ddf)}
-        seg_m, seg_f = self.segmentation_or_label(net, data, moving, use_predicted), \
-            self.segmentation_or_label(net, data, fixed, use_predicted)
-        if seg_m is not None and seg_f is not None:
-            terms["anatomy"] = self.dice(net.warp(seg_m, ddf), seg_f)
-        total = (self.w["similarity"] * terms["similarity"] + self.w["smooth"] * terms["smooth"]
-                 + self.w["anatomy"] * terms.get("anatomy", 0.0))
-        return {"loss": total, **terms}
-
-    @staticmethod
-    def segmentation_or_label(net, data, name, use_predicted):
-        if name in data.labels:
-            return data.onehot(data.labels[name])
-        if not use_predicted:
-            return None
-        with torch.no_grad():
-            return torch.softmax(net.segment(data.images[name]), dim=1)
-
-    def segmentation(self, net, data: FewShotData, labelled: str, other: str) -> dict:
-        """Supervised Dice on `labelled` plus the anatomy term on `other` from warped labels."""
-        terms = {"supervised": self.dice(torch.softmax(net.segment(data.images[labelled]), 1),
-                                         data.onehot(data.labels[labelled]))}
-        with torch.no_grad():
-            m, f = data.images[labelled], data.images[other]
-            ddf = net.displacement(net.velocity(m, f), f.shape[2:])
-            warped_labels = net.warp(data.onehot(data.labels[labelled]), ddf)
-        terms["anatomy"] = self.dice(torch.softmax(net.segment(f), 1), warped_labels)
-        total = self.w["supervised"] * terms["supervised"] + self.w["anatomy"] * terms["anatomy"]
-        return {"loss": total, **terms}
+from .strategies import PAPERS, STRATEGIES
 
 
 def default_card(config: dict, data: FewShotData) -> dict:
@@ -76,35 +38,84 @@ def default_card(config: dict, data: FewShotData) -> dict:
 
 
 def _schedule(config: dict) -> list[tuple[str, int]]:
-    """(phase, step) for every step: registration pretraining, segmentation pretraining, then joint
-    training with one segmentation step per `seg_every` registration steps (DeepAtlas: 1:20)."""
+    """(phase, index) for every step: registration pretraining, segmentation pretraining, joint training."""
     steps = config["steps"]
-    plan = [("reg_pretrain", i) for i in range(steps["reg_pretrain"])]
-    plan += [("seg_pretrain", i) for i in range(steps["seg_pretrain"])]
-    every = int(config.get("seg_every", 20))
-    for i in range(steps["joint"]):
-        plan.append(("joint_reg", i))
-        if (i + 1) % every == 0:
-            plan.append(("joint_seg", i))
-    return plan
+    return [(phase, i) for phase in ("reg_pretrain", "seg_pretrain", "joint") for i in range(int(steps.get(phase, 0)))]
+
+
+class _TrainingStep(nn.Module):
+    """Holds every trained network so torch DDP can wrap them together; `forward(compute)` runs one
+    strategy update, so each DDP forward is followed by exactly one backward."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+
+    def forward(self, compute):
+        return compute()
+
+
+def _distributed(device):
+    """(rank, world_size, device) from torchrun's environment; initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def _check_replicas_agree(net: nn.Module, dev) -> None:
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in net.parameters())],
+                            dtype=torch.float64, device=dev)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if float(high - low) > 1e-6 * max(1.0, abs(float(checksum))):
+        raise JointRegSegError(f"distributed training: replicas diverged (parameter checksums {float(low)} "
+                               f"vs {float(high)})")
+
+
+def _save_auxiliary(modules: dict[str, nn.Module], path: Path) -> None:
+    tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
+               for name, module in modules.items() for key, value in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_auxiliary(modules: dict[str, nn.Module], path: Path) -> None:
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def train(config: dict, data_dir, out_path, init=None, device="auto", progress=None, cancel=None) -> Path:
-    """Train (or fine-tune from `init`) and write a checkpoint with its model card to `out_path`.
+    """Train (or fine-tune from `init`) with `config["strategy"]` and write a checkpoint with its card.
 
-    Resumable: every `checkpoint_every` steps `<out>.partial.safetensors` and `<out>.state.json` are
-    written; a later call with the same arguments continues from there.
+    Resumable: every `checkpoint_every` steps `<out>.partial.safetensors`, `<out>.aux.safetensors`
+    (training-only networks) and `<out>.state.json` are written; a later call with the same arguments
+    continues from there (optimiser state restarts). Under `torchrun` (WORLD_SIZE > 1) the networks are
+    wrapped in torch DDP, each process samples its own pairs and rank 0 writes every file.
     """
     out_path = Path(out_path)
-    reporter = Reporter(progress, cancel)
-    dev = resolve_device(device)
+    strategy_name = config.get("strategy", "deepatlas")
+    if strategy_name not in STRATEGIES:
+        raise JointRegSegError(f"unknown training strategy {strategy_name!r}; available: {sorted(STRATEGIES)}")
+    rank, world, dev = _distributed(device)
+    reporter = Reporter(progress if rank == 0 else None, cancel)
     seed = int(config.get("seed", 0))
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     data = load_fewshot(data_dir, config["intensity"], dev)
     if not data.labelled:
-        from ..errors import JointRegSegError
         raise JointRegSegError(f"{data_dir}: no labelled training image; joint training needs at least one")
     partial = out_path.with_suffix(".partial.safetensors")
+    aux_path = out_path.with_suffix(".aux.safetensors")
     state_path = out_path.with_suffix(".state.json")
     start = 0
     if partial.is_file() and state_path.is_file():
@@ -118,59 +129,63 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
     else:
         model = new_model(default_card(config, data), seed=seed)
     net = model.network.to(dev).train()
-    losses = JointLosses(config["weights"])
-    lr = config["lr"]
-    reg_params = list(net.registration.parameters())
-    seg_params = list(net.segmentation.parameters())
-    optimizers = {"reg_pretrain": torch.optim.Adam(reg_params, lr=lr["reg_pretrain"]),
-                  "seg_pretrain": torch.optim.Adam(seg_params, lr=lr["seg_pretrain"]),
-                  "joint_reg": torch.optim.Adam(reg_params, lr=lr["reg"]),
-                  "joint_seg": torch.optim.Adam(seg_params, lr=lr["seg"])}
+    strategy = STRATEGIES[strategy_name](config, net, data)
+    auxiliary = strategy.auxiliary()
+    for module in auxiliary.values():
+        module.to(dev).train()
+    if start and auxiliary and aux_path.is_file():
+        _load_auxiliary(auxiliary, aux_path)
+    stepper = _TrainingStep({"model": net, **auxiliary})
+    runner = stepper if world == 1 else DistributedDataParallel(
+        stepper, find_unused_parameters=True, broadcast_buffers=False)
+    optimizers = strategy.optimizers()
     plan = _schedule(config)
     log_path = out_path.with_suffix(".log.csv")
-    log = open(log_path, "a", newline="")
-    writer = csv.writer(log)
-    if start == 0:
-        writer.writerow(["step", "phase", "loss", "similarity", "smooth", "anatomy", "supervised", "seconds"])
-    rng = random.Random(seed + start)
+    log = open(log_path, "a", newline="") if rank == 0 else None
+    writer = csv.writer(log) if log else None
+    if writer and start == 0:
+        writer.writerow(["step", "phase", "loss", "terms", "seconds"])
+    rng = random.Random(seed + start + 1_000_003 * rank)
     began = time.perf_counter()
     try:
         for step in range(start, len(plan)):
-            phase, _ = plan[step]
-            if phase in ("reg_pretrain", "joint_reg"):
-                moving, fixed = rng.sample(data.train, 2)
-                terms = losses.registration(net, data, moving, fixed, use_predicted=phase == "joint_reg")
-            else:
-                labelled = rng.choice(data.labelled)
-                other = rng.choice([n for n in data.train if n != labelled])
-                terms = losses.segmentation(net, data, labelled, other)
-            optimizer = optimizers[phase]
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            writer.writerow([step, phase] + [f"{float(terms[k].detach() if torch.is_tensor(terms[k]) else terms[k]):.5f}" if k in terms else "" for k in
-                                             ("loss", "similarity", "smooth", "anatomy", "supervised")]
-                            + [f"{time.perf_counter() - began:.1f}"])
+            phase, index = plan[step]
+            for key, label, compute in strategy.updates(phase, index, rng):
+                stepper.zero_grad(set_to_none=True)
+                terms = runner(compute)
+                terms["loss"].backward()
+                optimizers[key].step()
+                if writer:
+                    values = {k: round(float(v.detach()), 5) for k, v in terms.items() if k != "loss"}
+                    writer.writerow([step, label, f"{float(terms['loss'].detach()):.5f}", json.dumps(values),
+                                     f"{time.perf_counter() - began:.1f}"])
             reporter.update(f"train {phase}", (step + 1) / len(plan))
-            if (step + 1) % int(config.get("checkpoint_every", 100)) == 0:
+            if rank == 0 and (step + 1) % int(config.get("checkpoint_every", 100)) == 0:
                 log.flush()
                 save_model(model, partial)
+                if auxiliary:
+                    _save_auxiliary(auxiliary, aux_path)
                 state_path.write_text(json.dumps({"next_step": step + 1, "of": len(plan)}))
     finally:
-        log.close()
+        if log:
+            log.close()
     net.eval()
-    from .evaluate import evaluate_pairs
-    model.card["training"] = {
-        "strategy": config["strategy"], "config": copy.deepcopy(config),
-        "seconds_this_run": round(time.perf_counter() - began, 1), "device": str(dev),
-        "labelled_images": data.labelled, "unlabelled_images": len(data.train) - len(data.labelled),
-        "paper": "Xu & Niethammer, DeepAtlas: Joint Semi-supervised Learning of Image Registration and "
-                 "Segmentation, MICCAI 2019",
-    }
-    model.card["data"] = {"folder": str(data_dir), "sources": data.manifest["sources"],
-                          "notes": data.manifest["notes"], "seed": data.manifest["seed"]}
-    model.card["metrics"] = evaluate_pairs(model, data)
-    save_model(model, out_path)
-    partial.unlink(missing_ok=True)
-    state_path.unlink(missing_ok=True)
+    if world > 1:
+        _check_replicas_agree(net, dev)
+    if rank == 0:
+        from .evaluate import evaluate_pairs
+        model.card["training"] = {
+            "strategy": strategy_name, "config": copy.deepcopy(config), "paper": PAPERS[strategy_name],
+            "implements": " ".join((type(strategy).__doc__ or "").split()),
+            "seconds_this_run": round(time.perf_counter() - began, 1), "device": str(dev), "world_size": world,
+            "labelled_images": data.labelled, "unlabelled_images": len(data.train) - len(data.labelled),
+        }
+        model.card["data"] = {"folder": str(data_dir), "sources": data.manifest["sources"],
+                              "notes": data.manifest["notes"], "seed": data.manifest["seed"]}
+        model.card["metrics"] = evaluate_pairs(model, data)
+        save_model(model, out_path)
+        for leftover in (partial, aux_path, state_path):
+            leftover.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
     return out_path
