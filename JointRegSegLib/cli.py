@@ -34,7 +34,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .checkpoint import read_card
+    from .card import read_card
     card = read_card(args.checkpoint)
     if args.json:
         print(json.dumps(card, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import read_card
+from .card import read_card
 from .errors import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

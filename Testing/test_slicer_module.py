@@ -1,0 +1,250 @@
+"""The Slicer module on the real MRML runtime (slicer-core): its Logic end to end on scene nodes,
+cancel and failure leaving the scene as it was, bad inputs named, and static checks of the Widget."""
+import os
+import re
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import TINY_CARD, grid_for, phantom_array, sample_on
+
+slicer = pytest.importorskip("slicer")
+from slicer_runtime import MODULE_FILE, UI_FILE, boot, import_module_file  # noqa: E402
+
+from JointRegSegLib import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
+from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
+
+
+@pytest.fixture
+def ctx():
+    return boot()
+
+
+@pytest.fixture
+def module(monkeypatch, ctx):
+    return import_module_file(monkeypatch)
+
+
+def add_volume(image: sitk.Image, name: str, node_class="vtkMRMLScalarVolumeNode"):
+    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name,
+                                          nodeClassName=node_class)
+
+
+@pytest.fixture
+def pair_nodes(ctx):
+    """An oblique anisotropic moving phantom and a fixed phantom shifted 2-3 mm, as scene volumes."""
+    moving = sample_on(grid_for("lps-oblique"), phantom_array)
+    fixed = sample_on(grid_for("axis-aligned"), phantom_array, lambda p: p + np.array([2.0, -3.0, 1.5]))
+    return add_volume(moving, "phantom moving"), add_volume(fixed, "phantom fixed")
+
+
+def node_ids(scene):
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def test_logic_creates_named_results_and_the_transform_reproduces_the_warped_volume(module, ctx, pair_nodes,
+                                                                                      tiny_checkpoint):
+    moving, fixed = pair_nodes
+    seen = []
+    results = module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), device="cpu", jacobian=True,
+                                                progress=lambda stage, fraction: seen.append(stage))
+    assert any("affine" in stage for stage in seen)
+    assert results.transform.IsA("vtkMRMLGridTransformNode")
+    assert results.transform.GetName() == "phantom moving to phantom fixed"
+    assert results.warped.GetName() == "phantom moving warped to phantom fixed"
+    assert results.jacobian is not None and results.qc["folding_percent"] >= 0.0
+
+    # the warped volume lies on the fixed grid
+    fixed_matrix, warped_matrix = (slicer.util.arrayFromVTKMatrix(_ijk_to_ras(n)) for n in (fixed, results.warped))
+    assert np.allclose(fixed_matrix, warped_matrix, atol=1e-4)
+    # the transform, applied to the moving volume and resampled onto the fixed grid, gives the warped volume
+    moving.SetAndObserveTransformNodeID(results.transform.GetID())
+    resampled = slicer.vtkSlicerVolumesLogic.ResampleVolumeToReferenceVolume(moving, fixed)
+    resampled.SetAndObserveTransformNodeID(None)
+    ours, theirs = slicer.util.arrayFromVolume(results.warped), slicer.util.arrayFromVolume(resampled)
+    inside = slicer.util.arrayFromVolume(fixed) > 0
+    assert np.abs(ours - theirs)[inside].mean() < 0.02 * np.abs(ours[inside]).mean()
+    # and it aligns the moving phantom with the fixed one better than doing nothing
+    moving.SetAndObserveTransformNodeID(None)
+    unaligned = slicer.util.arrayFromVolume(slicer.vtkSlicerVolumesLogic.ResampleVolumeToReferenceVolume(moving, fixed))
+    fixed_array = slicer.util.arrayFromVolume(fixed)
+    assert np.abs(ours - fixed_array).mean() < 0.8 * np.abs(unaligned - fixed_array).mean()
+
+    for role, reference in (("fixed_segmentation", fixed), ("moving_segmentation", moving)):
+        segmentation_node = getattr(results, role)
+        segmentation = segmentation_node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        assert names == [e["name"] for e in TINY_CARD["labels"] if e["value"]]
+        core = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("core"))
+        assert np.allclose(core.GetColor(), TINY_CARD["labels"][1]["color"], atol=1 / 255)
+        assert segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole()) \
+            .GetID() == reference.GetID()
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segmentation.GetNthSegmentID(0),
+                                                          reference)
+        assert mask.shape == slicer.util.arrayFromVolume(reference).shape
+
+
+def _ijk_to_ras(node):
+    matrix = slicer.vtkMatrix4x4() if hasattr(slicer, "vtkMatrix4x4") else __import__("vtk").vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_existing_output_nodes_are_filled_instead_of_new_ones(module, ctx, pair_nodes, tiny_checkpoint):
+    moving, fixed = pair_nodes
+    transform = ctx.scene.AddNewNodeByClass("vtkMRMLTransformNode", "my transform")
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my fixed labels")
+    before = ctx.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
+    results = module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), device="cpu",
+                                                outputs={"transform": transform, "fixed_segmentation": segmentation})
+    assert results.transform is transform and results.fixed_segmentation is segmentation
+    assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == before
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    point = [10.0, -5.0, 3.0]
+    assert not np.allclose(transform.GetTransformFromParent().TransformPoint(point), point)
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged_and_stops_the_worker(module, ctx, pair_nodes, tiny_checkpoint):
+    moving, fixed = pair_nodes
+    before = node_ids(ctx.scene)
+    logic = module.JointRegSegLogic()
+    job = logic.start(moving, fixed, str(tiny_checkpoint), refineIterations=5000, device="cpu")
+    deadline = time.time() + 120
+    while "refine" not in job.run.progress[0] and time.time() < deadline:
+        assert job.run.state == "running", job.run.error
+        time.sleep(0.1)
+    assert "refine" in job.run.progress[0]
+    job.run.cancel()
+    assert job.run.state == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(job.run.process.pid, 0)          # the whole process group is gone
+    with pytest.raises(Cancelled):
+        logic.finish(job)
+    assert node_ids(ctx.scene) == before
+    assert not job.workdir.exists()
+
+
+def test_cancel_through_the_blocking_call(module, ctx, pair_nodes, tiny_checkpoint):
+    moving, fixed = pair_nodes
+    before = node_ids(ctx.scene)
+    started = time.time()
+    with pytest.raises(Cancelled):
+        module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), refineIterations=5000, device="cpu",
+                                          cancel=lambda: time.time() - started > 3.0)
+    assert node_ids(ctx.scene) == before
+
+
+def test_a_failing_run_reports_the_workers_error_and_changes_nothing(module, ctx, pair_nodes, tiny_checkpoint):
+    moving, fixed = pair_nodes
+    before = node_ids(ctx.scene)
+    with pytest.raises(JointRegSegError, match="CUDA is not available"):
+        module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), device="cuda")
+    assert node_ids(ctx.scene) == before
+
+
+def test_a_failure_while_importing_results_removes_what_was_added(ctx, pair_nodes, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    from JointRegSegLib.cli import main
+    from JointRegSegLib.mrml import export_volume, load_results
+    moving, fixed = pair_nodes
+    export_volume(moving, tmp_path / "m.nrrd"), export_volume(fixed, tmp_path / "f.nrrd")
+    assert main(["run", "--moving", str(tmp_path / "m.nrrd"), "--fixed", str(tmp_path / "f.nrrd"), "--model",
+                 str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    (tmp_path / "out" / "moving_segmentation.nii.gz").write_bytes(b"not an image")
+    before = node_ids(ctx.scene)
+    with pytest.raises(RuntimeError):
+        load_results(ctx.scene, tmp_path / "out", moving, fixed)
+    assert node_ids(ctx.scene) == before
+    # a failure after some nodes were added (fault injected into the second segmentation): all removed
+    import JointRegSegLib.mrml as mrml
+    out = tmp_path / "out"
+    sitk.WriteImage(sitk.ReadImage(str(out / "fixed_segmentation.nii.gz")), str(out / "moving_segmentation.nii.gz"))
+    fill = mrml._fill_segmentation
+
+    def fail_for_moving(node, labels, table, reference):
+        if reference is moving:
+            raise MemoryError("injected")
+        fill(node, labels, table, reference)
+
+    monkeypatch.setattr(mrml, "_fill_segmentation", fail_for_moving)
+    with pytest.raises(MemoryError):
+        load_results(ctx.scene, out, moving, fixed)
+    assert node_ids(ctx.scene) == before
+
+
+def _volume_with_dims(dims, components=1, name="bad"):
+    array = np.random.default_rng(0).random(tuple(reversed(dims)) + ((components,) if components > 1 else ()))
+    node_class = "vtkMRMLVectorVolumeNode" if components > 1 else "vtkMRMLScalarVolumeNode"
+    return slicer.util.addVolumeFromArray(array.astype(np.float32), np.eye(4), name, nodeClassName=node_class)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("none", "no moving volume selected"),
+    ("2d", "is 2D"),
+    ("4d", "4D, vector or colour volume"),
+    ("labelmap", "is a label map"),
+    ("transformed", "under transform"),
+])
+def test_bad_inputs_are_named_and_change_nothing(module, ctx, pair_nodes, tiny_checkpoint, case, message):
+    _, fixed = pair_nodes
+    moving = {"none": lambda: None,
+              "2d": lambda: _volume_with_dims((40, 40, 1)),
+              "4d": lambda: _volume_with_dims((20, 20, 20), components=4),
+              "labelmap": lambda: slicer.util.addVolumeFromArray(np.ones((20, 20, 20), np.uint8), np.eye(4), "lab",
+                                                                 nodeClassName="vtkMRMLLabelMapVolumeNode"),
+              "transformed": lambda: _transformed(pair_nodes[0], ctx)}[case]()
+    before = node_ids(ctx.scene)
+    with pytest.raises(InputImageError, match=message):
+        module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), device="cpu")
+    assert node_ids(ctx.scene) == before
+
+
+def _transformed(node, ctx):
+    transform = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "earlier alignment")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return node
+
+
+def test_a_broken_checkpoint_is_named_and_changes_nothing(module, ctx, pair_nodes, tiny_checkpoint, tmp_path):
+    moving, fixed = pair_nodes
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    before = node_ids(ctx.scene)
+    with pytest.raises(CheckpointError, match="truncated"):
+        module.JointRegSegLogic().process(moving, fixed, str(broken), device="cpu")
+    assert node_ids(ctx.scene) == before
+    assert "Cannot use this file" in module.JointRegSegLogic.describeModel(broken)
+
+
+def test_model_description_and_qc_text(module, tiny_checkpoint):
+    text = module.JointRegSegLogic.describeModel(tiny_checkpoint)
+    assert "tiny-test-model" in text and "core, shell" in text
+    qc = {"folding_percent": 0.01, "jacobian_min": 0.5, "jacobian_max": 1.7, "timing_s": {"total": 3.2},
+          "device": "cpu", "fixed_volumes_ml": {"core": 12.5}}
+    assert "core" in module.JointRegSegLogic.describeQc(qc) and "0.0100 %" in module.JointRegSegLogic.describeQc(qc)
+
+
+def test_module_metadata(module):
+    parent = type("Parent", (), {})()
+    module.JointRegSeg(parent)
+    assert parent.categories == ["Registration"]
+    assert "DeepAtlas" in parent.helpText and parent.contributors
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui():
+    tree = ET.parse(UI_FILE)
+    widgets = {w.get("name") for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used and used <= widgets, f"missing in the .ui: {sorted(used - widgets)}"
+
+
+def test_parameter_names_in_the_ui_match_the_parameter_node(module):
+    tree = ET.parse(UI_FILE)
+    bound = {prop.find("string").text for prop in tree.iter("property") if prop.get("name") == "SlicerParameterName"}
+    fields = set(module.JointRegSegParameterNode.__annotations__) - {"modelPath"}
+    assert bound == fields
+    assert (MODULE_FILE.parent / "Resources" / "Icons" / "JointRegSeg.png").is_file()
+    cmake = (MODULE_FILE.parent / "CMakeLists.txt").read_text()
+    assert "WITH_GENERIC_TESTS" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
