@@ -1,0 +1,1 @@
+"""`jointregseg evaluate`: accuracy, smoothness, time and memory of registration methods on labelled pairs."""
