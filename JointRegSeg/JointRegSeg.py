@@ -5,6 +5,7 @@ MRML nodes to JointRegSegLib.mrml, which runs the engine in a child process and 
 """
 import importlib.util
 import os
+import pathlib
 import sys
 from typing import Annotated, Optional
 
@@ -75,6 +76,10 @@ class JointRegSegParameterNode:
     outputFixedSegmentation: vtkMRMLSegmentationNode
     outputMovingSegmentation: vtkMRMLSegmentationNode
     outputJacobian: bool = False
+    trainingFolder: pathlib.Path
+    annotatedVolume: vtkMRMLScalarVolumeNode
+    annotatedSegmentation: vtkMRMLSegmentationNode
+    finetuneSteps: Annotated[int, WithinRange(10, 5000)] = 300
 
 
 class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -100,6 +105,13 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.trainingFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateCaseList)
+        self.finetuneRun = None
+        self.finetuneTimer = qt.QTimer()
+        self.finetuneTimer.setInterval(500)
+        self.finetuneTimer.connect("timeout()", self.onFinetunePoll)
         self.ui.progressBar.hide()
         self.ui.cancelButton.enabled = False
 
@@ -240,6 +252,61 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None:
             self.ui.progressBar.setFormat(_("cancelling…"))
             self.job.run.cancel()
+        if self.finetuneRun is not None:
+            self.ui.progressBar.setFormat(_("cancelling…"))
+            self.finetuneRun[0].cancel()
+
+    # --- annotate & refine ------------------------------------------------------------------------
+    def updateCaseList(self, *args) -> None:
+        self.ui.casesListWidget.clear()
+        folder = self._parameterNode.trainingFolder if self._parameterNode else None
+        for name in self.logic.trainingCases(folder) if folder else []:
+            self.ui.casesListWidget.addItem(name)
+
+    def onAddCase(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not add the case."), waitCursor=True):
+            if not node.trainingFolder or not str(node.trainingFolder).strip(". "):
+                raise JointRegSegError(_("choose a training folder first"))
+            self.logic.addTrainingCase(node.trainingFolder, node.annotatedVolume, node.annotatedSegmentation,
+                                       node.modelPath)
+        self.updateCaseList()
+
+    def onFinetune(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not start fine-tuning."), waitCursor=True):
+            self.logic.installDependencies(askConfirmation=True)
+            output = self.logic.newModelPath(node.modelPath)
+            self.finetuneRun = (self.logic.startFinetune(node.modelPath, node.trainingFolder, output,
+                                                         steps=node.finetuneSteps), output)
+            self.ui.finetuneButton.enabled = False
+            self.ui.cancelButton.enabled = True
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            self.finetuneTimer.start()
+
+    def onFinetunePoll(self) -> None:
+        run, output = self.finetuneRun
+        stage, fraction = run.progress
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.progressBar.setFormat(f"fine-tuning: {stage} %p%")
+        if run.state == "running":
+            return
+        self.finetuneTimer.stop()
+        self.finetuneRun = None
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.enabled = False
+        self.ui.finetuneButton.enabled = True
+        if run.state != "done":
+            self.ui.finetuneResultLabel.text = _("Fine-tuning cancelled.") if run.state == "cancelled" else \
+                _("Fine-tuning failed: {error}").format(error=run.error)
+            return
+        text, improved = self.logic.describeFinetune(output)
+        self.ui.finetuneResultLabel.text = text
+        if improved:
+            combo = self.ui.modelComboBox
+            combo.insertItem(0, os.path.basename(output), str(output))
+            combo.setCurrentIndex(0)
 
 
 class JointRegSegLogic(ScriptedLoadableModuleLogic):
@@ -304,6 +371,57 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             job.cancel()
             raise
         return self.finish(job, outputs, jacobian)
+
+    # --- annotate & refine ------------------------------------------------------------------------
+    @staticmethod
+    def trainingCases(folder) -> list:
+        from JointRegSegLib.training.finetune import list_cases
+        try:
+            return list(list_cases(folder, need_labels=False))
+        except JointRegSegError:
+            return []
+
+    def addTrainingCase(self, folder, volume, segmentation, model=None):
+        """Save a corrected case (image, label map by the model's label names, .seg.nrrd) into `folder`."""
+        from JointRegSegLib.mrml import save_training_case
+        card = read_card(model or default_model_path())
+        return save_training_case(folder, volume, segmentation, card["labels"])
+
+    @staticmethod
+    def newModelPath(model) -> str:
+        """A new file next to the user's models, never the original."""
+        base = pathlib.Path(model or default_model_path())
+        folder = pathlib.Path(os.environ.get("JOINTREGSEG_USER_MODELS", pathlib.Path.home() / "JointRegSegModels"))
+        folder.mkdir(parents=True, exist_ok=True)
+        index = 1
+        while (folder / f"{base.stem}-ft{index}.safetensors").exists():
+            index += 1
+        return str(folder / f"{base.stem}-ft{index}.safetensors")
+
+    def startFinetune(self, model, folder, output, steps=300, device="auto", python=None):
+        from JointRegSegLib.worker import BackgroundRun
+        args = ["finetune", "--init", model or default_model_path(), "--labelled", folder, "--out", output,
+                "--steps", int(steps), "--device", device]
+        return BackgroundRun(args, python=python)
+
+    def finetune(self, model, folder, output, steps=300, device="auto", progress=None, cancel=None, python=None):
+        """Blocking fine-tuning; returns (text, improved)."""
+        run = self.startFinetune(model, folder, output, steps, device, python)
+        run.wait(progress, cancel)
+        return self.describeFinetune(output)
+
+    @staticmethod
+    def describeFinetune(path) -> tuple:
+        card = read_card(path)
+        info = card.get("finetune", {})
+        before, after = info.get("metrics_before", {}), info.get("metrics_after", {})
+        improved = bool(info.get("improved"))
+        text = (f"Segmentation Dice on {info.get('measured_on', '?')}: "
+                f"{before.get('segmentation_dice_mean', float('nan')):.3f} → "
+                f"{after.get('segmentation_dice_mean', float('nan')):.3f}<br>"
+                + (f"New model: {path}" if improved else
+                   "The new model is not better; the panel keeps the previous model."))
+        return text, improved
 
     # --- text for the panel --------------------------------------------------------------------
     @staticmethod

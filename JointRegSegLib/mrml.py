@@ -266,3 +266,51 @@ class Job:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --- annotate & refine --------------------------------------------------------------------------
+
+def save_training_case(folder, volume_node, segmentation_node, label_table: list, name: str | None = None) -> dict:
+    """Add a corrected case to a fine-tuning folder: NAME.nrrd (the image), NAME_labels.nrrd (a label map
+    on the image's grid, values from `label_table` matched by segment name) and NAME.seg.nrrd (the
+    segmentation, for people). Nothing is written unless everything can be."""
+    from .training.finetune import LABEL_SUFFIX
+    check_volume_node(volume_node, "annotated")
+    if segmentation_node is None:
+        raise InputImageError("no segmentation selected for the annotated volume")
+    segmentation = segmentation_node.GetSegmentation()
+    by_name = {e["name"]: int(e["value"]) for e in label_table if int(e["value"]) != 0}
+    segment_names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    unknown = [n for n in segment_names if n not in by_name]
+    if unknown:
+        raise InputImageError(f"segments {unknown} are not in the model's label table {sorted(by_name)}; rename or "
+                              "delete them")
+    if not segment_names:
+        raise InputImageError(f"segmentation '{segmentation_node.GetName()}' has no segments")
+    labels = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8)
+    for segment_name in segment_names:
+        segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+        labels[mask > 0] = by_name[segment_name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = name or "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_node.GetName())
+    targets = {"image": folder / f"{name}.nrrd", "labels": folder / f"{name}{LABEL_SUFFIX}.nrrd",
+               "segmentation": folder / f"{name}.seg.nrrd"}
+    staging = Path(tempfile.mkdtemp(prefix=".case-", dir=folder))
+    try:
+        export_volume(volume_node, staging / "image.nrrd")
+        image = sitk.ReadImage(str(staging / "image.nrrd"))
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        sitk.WriteImage(label_image, str(staging / "labels.nrrd"), True)
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(staging / "segmentation.seg.nrrd"))
+        if not storage.WriteData(segmentation_node):
+            raise JointRegSegError(f"could not write segmentation '{segmentation_node.GetName()}'")
+        for key, target in targets.items():
+            source = {"image": "image.nrrd", "labels": "labels.nrrd", "segmentation": "segmentation.seg.nrrd"}[key]
+            (staging / source).replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets

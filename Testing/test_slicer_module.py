@@ -248,3 +248,39 @@ def test_parameter_names_in_the_ui_match_the_parameter_node(module):
     assert (MODULE_FILE.parent / "Resources" / "Icons" / "JointRegSeg.png").is_file()
     cmake = (MODULE_FILE.parent / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
+
+
+def test_a_corrected_case_round_trips_through_the_training_folder(ctx, pair_nodes, tmp_path):
+    from JointRegSegLib.mrml import save_training_case
+    from JointRegSegLib.training.finetune import list_cases
+    _, fixed = pair_nodes
+    truth = sample_on(grid_for("axis-aligned"), phantom_labels_shifted)
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
+    array = sitk.GetArrayFromImage(truth)
+    for entry in TINY_CARD["labels"][1:]:
+        sid = segmentation.GetSegmentation().AddEmptySegment("", entry["name"], entry["color"])
+        slicer.util.updateSegmentBinaryLabelmapFromArray((array == entry["value"]).astype(np.uint8), segmentation,
+                                                         sid, fixed)
+    written = save_training_case(tmp_path / "project", fixed, segmentation, TINY_CARD["labels"], name="case 1")
+    cases = list_cases(tmp_path / "project", need_labels=True)
+    assert list(cases) == ["case 1"]
+    image_path, label_path = next(iter(cases.values()))
+    labels = sitk.ReadImage(str(label_path))
+    assert np.array_equal(sitk.GetArrayFromImage(labels), array)
+    assert np.allclose(labels.GetOrigin(), truth.GetOrigin(), atol=1e-4)
+    assert np.allclose(labels.GetDirection(), truth.GetDirection(), atol=1e-6)
+    loaded = ctx.segmentations.LoadSegmentationFromFile(str(written["segmentation"]), False, "reloaded")
+    reloaded = loaded.GetSegmentation()
+    assert sorted(reloaded.GetNthSegment(i).GetName() for i in range(reloaded.GetNumberOfSegments())) == \
+        ["core", "shell"]
+    # a segment the model does not know is refused, and nothing is written
+    segmentation.GetSegmentation().AddEmptySegment("", "tumour", [1, 0, 0])
+    with pytest.raises(InputImageError, match="tumour"):
+        save_training_case(tmp_path / "other", fixed, segmentation, TINY_CARD["labels"])
+    assert not (tmp_path / "other").exists()
+
+
+def phantom_labels_shifted(points):
+    from conftest import phantom_labels
+    return phantom_labels(points + np.array([2.0, -3.0, 1.5]))

@@ -143,3 +143,53 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_dataset):
     assert card["training"]["world_size"] == 2
     # one log row per update, written by rank 0 only
     assert len((tmp_path / "ddp.log.csv").read_text().splitlines()) == 1 + 2 + 2 + 2 + 1
+
+
+def _write_case(folder, name, image, labels=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / f"{name}.nrrd"))
+    if labels is not None:
+        sitk.WriteImage(labels, str(folder / f"{name}_labels.nrrd"))
+
+
+def test_finetune_records_its_parent_and_improves_dice_on_the_training_case(tmp_path, tiny_checkpoint):
+    from JointRegSegLib.geometry import make_grid as grid_of
+    from JointRegSegLib.training.finetune import finetune
+    rng = np.random.default_rng(3)
+    grid = grid_of((40, 40, 40), (3.0, 3.0, 3.0), np.eye(3), np.zeros(3))
+    base = sample_on(grid_of((48, 48, 48), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3)), phantom_array)
+    base_labels = sample_on(grid_of((48, 48, 48), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3)), phantom_labels)
+    image, labels = synthesize(base, base_labels, grid, rng, deform=False, strength=0.3)
+    _write_case(tmp_path / "labelled", "case1", image, labels)
+    for i in range(2):
+        _write_case(tmp_path / "unlabelled", f"u{i}", synthesize(base, None, grid, rng, strength=0.5)[0])
+    out = tmp_path / "tuned.safetensors"
+    config = {"steps": {"reg_pretrain": 0, "seg_pretrain": 25, "joint": 6}, "seg_every": 2,
+              "lr": {"reg_pretrain": 1e-3, "seg_pretrain": 5e-3, "reg": 1e-3, "seg": 5e-3}}
+    outcome = finetune(tiny_checkpoint, tmp_path / "labelled", out, unlabelled_dir=tmp_path / "unlabelled",
+                       config=config, device="cpu")
+    assert outcome["held_out"] == []
+    card = load_model(out).card
+    parent = load_model(tiny_checkpoint).card
+    assert card["parent"]["weights_sha256"] == parent["weights_sha256"]
+    assert card["finetune"]["labelled_cases"] == ["case1"] and card["finetune"]["unlabelled_cases"] == ["u0", "u1"]
+    before = card["finetune"]["metrics_before"]["segmentation_dice_mean"]
+    after = card["finetune"]["metrics_after"]["segmentation_dice_mean"]
+    assert after > before + 0.2, (before, after)
+    assert card["finetune"]["improved"] is True
+
+
+def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
+    from JointRegSegLib.errors import JointRegSegError
+    from JointRegSegLib.training.finetune import finetune
+    grid = make_grid((16, 16, 16), (3.0, 3.0, 3.0), np.eye(3), np.zeros(3))
+    image = sample_on(grid, phantom_array)
+    _write_case(tmp_path / "labelled", "case1", image)
+    with pytest.raises(JointRegSegError, match="has an image but no case1_labels"):
+        finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors")
+    bad = sample_on(grid, phantom_labels) * 3
+    _write_case(tmp_path / "labelled", "case1", image, sitk.Cast(bad, sitk.sitkUInt8))
+    _write_case(tmp_path / "unlabelled", "u0", image)
+    with pytest.raises(JointRegSegError, match=r"label values \[3, 6\] are not in the model's label table"):
+        finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors", tmp_path / "unlabelled")
+    assert not (tmp_path / "o.safetensors").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 STRATEGIES = ("deepatlas", "deeprs", "unsupervised")  # training.strategies.STRATEGIES, without importing torch
@@ -17,6 +18,24 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from ..progress import stderr_progress
+    from .finetune import finetune
+    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.steps:
+        config["steps"] = {"reg_pretrain": 0, "seg_pretrain": args.steps // 2, "joint": args.steps - args.steps // 2}
+    outcome = finetune(args.init, args.labelled, args.out, unlabelled_dir=args.unlabelled, holdout=args.holdout,
+                       config=config, device=args.device, progress=stderr_progress)
+    before, after = outcome["before"], outcome["after"]
+    where = f"held-out {outcome['held_out']}" if outcome["held_out"] else "the training cases"
+    print(f"segmentation Dice on {where}: {before['segmentation_dice_mean']:.3f} -> {after['segmentation_dice_mean']:.3f}; "
+          f"registration Dice {before['registration_dice_mean']:.3f} -> {after['registration_dice_mean']:.3f}")
+    if not outcome["improved"]:
+        print(f"the fine-tuned model is WORSE than {args.init}; keep using that one", file=sys.stderr)
+    print(f"model written to {args.out}")
+    return 0
+
+
 def register(sub) -> None:
     train = sub.add_parser("train", help="few-shot joint training of registration + segmentation")
     train.add_argument("--strategy", choices=STRATEGIES, default=None)
@@ -26,3 +45,14 @@ def register(sub) -> None:
     train.add_argument("--init", default=None, help="fine-tune from this checkpoint")
     train.add_argument("--device", default="auto")
     train.set_defaults(func=_cmd_train)
+    tune = sub.add_parser("finetune", help="few-shot fine-tuning from corrected segmentations")
+    tune.add_argument("--init", required=True, help="checkpoint to start from (never modified)")
+    tune.add_argument("--labelled", required=True, help="folder of NAME.nrrd + NAME_labels.nrrd corrected cases")
+    tune.add_argument("--unlabelled", default=None, help="folder of further images without labels")
+    tune.add_argument("--out", required=True, help="new checkpoint (.safetensors)")
+    tune.add_argument("--holdout", type=int, default=None,
+                      help="labelled cases kept out to measure before/after (default 1 if there are 2 or more)")
+    tune.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    tune.add_argument("--config", default=None, help="JSON overriding the fine-tuning settings")
+    tune.add_argument("--device", default="auto")
+    tune.set_defaults(func=_cmd_finetune)

@@ -1,0 +1,160 @@
+"""Few-shot fine-tuning from an annotator's corrected cases (DeepAtlas losses, `train()` loop).
+
+Folder format (what the Slicer module's "Annotate & refine" writes): for each case `NAME`, an image
+`NAME.nrrd` (or .nii.gz / .nii / .mha) and its corrected labels `NAME_labels.nrrd` on the image's grid,
+values from the model's label table. The unlabelled folder holds images only.
+
+All images are affinely aligned to the first labelled case and resampled onto the model's working grid
+around it (what inference does per pair), written as a temporary few-shot dataset; `holdout` labelled
+cases are kept out of training and measure the model before and after.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..card import read_card
+from ..errors import JointRegSegError
+from ..geometry import resample, working_grid
+
+IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+LABEL_SUFFIX = "_labels"
+
+DEFAULT_FINETUNE = {
+    "strategy": "deepatlas", "seed": 0,
+    "steps": {"reg_pretrain": 0, "seg_pretrain": 150, "joint": 150}, "seg_every": 3,
+    "weights": {"similarity": 1.0, "smooth": 1.0, "anatomy": 1.0, "supervised": 1.0},
+    "lr": {"reg_pretrain": 2e-4, "seg_pretrain": 5e-4, "reg": 2e-4, "seg": 2e-4}, "checkpoint_every": 50,
+}
+
+
+def _stem(path: Path) -> str | None:
+    for suffix in IMAGE_SUFFIXES:
+        if path.name.endswith(suffix) and not path.name.endswith(".seg.nrrd"):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def list_cases(folder, need_labels: bool) -> dict[str, tuple[Path, Path | None]]:
+    """name -> (image, labels or None), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise JointRegSegError(f"folder not found: {folder}")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        stem = _stem(path)
+        if stem is not None:
+            files[stem] = path
+    cases = {}
+    for stem, path in files.items():
+        if stem.endswith(LABEL_SUFFIX):
+            continue
+        labels = files.get(stem + LABEL_SUFFIX)
+        if need_labels and labels is None:
+            raise JointRegSegError(f"{folder}: case '{stem}' has an image but no {stem}{LABEL_SUFFIX}.nrrd")
+        cases[stem] = (path, labels)
+    if need_labels and not cases:
+        raise JointRegSegError(f"{folder}: no labelled case (IMAGE.nrrd + IMAGE{LABEL_SUFFIX}.nrrd)")
+    return cases
+
+
+def prepare_dataset(card: dict, labelled: dict, unlabelled: dict, holdout: int, out_dir: Path) -> dict:
+    """Write a few-shot dataset (dataset.json format) on the model's working grid; returns its manifest."""
+    from ..affine import affine_prealign
+    from ..data.build import DEFAULT_GRID
+    names = list(labelled)
+    held = names[len(names) - holdout:] if holdout else []
+    reference_image = sitk.ReadImage(str(labelled[names[0]][0]), sitk.sitkFloat32)
+    grid = working_grid(reference_image, card)
+    spec = card["working_grid"]
+    (out_dir / "images").mkdir(parents=True)
+    (out_dir / "labels").mkdir()
+    values = {int(e["value"]) for e in card["labels"]}
+    items = []
+    for name, (image_path, label_path) in {**labelled, **unlabelled}.items():
+        image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
+        affine = None if name == names[0] else affine_prealign(image, reference_image)
+        sitk.WriteImage(resample(image, grid, affine), str(out_dir / "images" / f"{name}.nii.gz"))
+        entry = {"name": name, "image": f"images/{name}.nii.gz", "labels": None, "labelled": False,
+                 "split": "val" if name in held else "train", "source": str(image_path), "synthetic": False}
+        if label_path is not None:
+            labels = sitk.ReadImage(str(label_path))
+            if labels.GetSize() != image.GetSize():
+                raise JointRegSegError(f"{label_path}: labels {labels.GetSize()} are not on the image's grid "
+                                       f"{image.GetSize()}")
+            unknown = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - values
+            if unknown:
+                raise JointRegSegError(f"{label_path}: label values {sorted(unknown)} are not in the model's label "
+                                       f"table {sorted(values)}")
+            labels.CopyInformation(image)
+            sitk.WriteImage(resample(labels, grid, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+                            str(out_dir / "labels" / f"{name}.nii.gz"))
+            entry.update(labels=f"labels/{name}.nii.gz", labelled=name not in held)
+        items.append(entry)
+    train_labelled = [n for n in names if n not in held]
+    # validation: each held-out case as the fixed image of a pair from a training case; without a
+    # held-out case, the training cases themselves (then the numbers say how well it fits them)
+    targets = held or train_labelled
+    pairs = []
+    for i, target in enumerate(targets):
+        others = [n for n in train_labelled if n != target] or [target]
+        pairs.append({"moving": others[i % len(others)], "fixed": target})
+    manifest = {"format": "jointregseg-dataset", "version": 1, "seed": 0,
+                "working_grid": {"size": spec["size"], "spacing": spec["spacing"],
+                                 "direction": spec.get("direction", DEFAULT_GRID["direction"])},
+                "label_table": card["labels"], "modality": card.get("modality", "unknown"), "items": items,
+                "validation_pairs": pairs, "held_out": held,
+                "sources": [{"name": "annotator corrections", "labelled": names, "unlabelled": list(unlabelled)}],
+                "notes": "fine-tuning set from corrected segmentations"}
+    (out_dir / "dataset.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def finetune(init, labelled_dir, out_path, unlabelled_dir=None, holdout: int | None = None, config: dict | None = None,
+             device="auto", progress=None, cancel=None) -> dict:
+    """Fine-tune `init` on the corrected cases; write `out_path`; return {"before", "after", "improved"}.
+
+    `holdout` defaults to 1 when there are at least 2 labelled cases, else 0.
+    """
+    from ..checkpoint import load_model, save_model
+    from .dataset import load_fewshot
+    from .evaluate import evaluate_pairs
+    from .train import train
+    card = read_card(init)
+    labelled = list_cases(labelled_dir, need_labels=True)
+    unlabelled = {k: v for k, v in list_cases(unlabelled_dir, need_labels=False).items() if k not in labelled} \
+        if unlabelled_dir else {}
+    holdout = (1 if len(labelled) >= 2 else 0) if holdout is None else int(holdout)
+    if holdout >= len(labelled):
+        raise JointRegSegError(f"cannot hold out {holdout} of {len(labelled)} labelled cases; at least one must train")
+    if len(labelled) - holdout + len(unlabelled) < 2:
+        raise JointRegSegError("fine-tuning needs at least two training images (labelled or unlabelled) to pair")
+    config = {**copy.deepcopy(DEFAULT_FINETUNE), **(config or {})}
+    config.setdefault("name", f"{card.get('name', 'model')}-finetuned")
+    config.setdefault("description", f"{card.get('description', '')} — fine-tuned on {len(labelled)} corrected cases")
+    config.update({"architecture": card["architecture"], "intensity": card["intensity"],
+                   "segment_foreground_only": card.get("segment_foreground_only", False),
+                   "refinement": card.get("refinement", {"similarity": "lncc", "smoothness": 1.0,
+                                                         "learning_rate": 0.05})})
+    with tempfile.TemporaryDirectory(prefix="jrs-finetune-") as work:
+        work = Path(work)
+        manifest = prepare_dataset(card, labelled, unlabelled, holdout, work / "data")
+        data = load_fewshot(work / "data", card["intensity"])
+        before = evaluate_pairs(load_model(init), data)
+        train(config, work / "data", out_path, init=init, device=device, progress=progress, cancel=cancel)
+        model = load_model(out_path)
+        after = model.card["metrics"]
+    improved = after["segmentation_dice_mean"] >= before["segmentation_dice_mean"]
+    model.card["finetune"] = {
+        "parent": model.card.get("parent"), "labelled_cases": list(labelled), "held_out": manifest["held_out"],
+        "unlabelled_cases": list(unlabelled), "metrics_before": before, "metrics_after": after,
+        "improved": bool(improved),
+        "measured_on": "held-out corrected cases" if manifest["held_out"] else "the training cases (none held out)"}
+    model.card["data"]["folder"] = str(labelled_dir)
+    save_model(model, out_path)
+    return {"before": before, "after": after, "improved": improved, "held_out": manifest["held_out"]}
