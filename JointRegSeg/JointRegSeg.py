@@ -257,27 +257,34 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.finetuneRun[0].cancel()
 
     # --- annotate & refine ------------------------------------------------------------------------
+    def trainingFolder(self):
+        """The chosen training folder, or None (an unset path parameter reads as ".")."""
+        folder = self._parameterNode.trainingFolder if self._parameterNode else None
+        return folder if folder and str(folder).strip(". ") else None
+
     def updateCaseList(self, *args) -> None:
         self.ui.casesListWidget.clear()
-        folder = self._parameterNode.trainingFolder if self._parameterNode else None
+        folder = self.trainingFolder()
         for name in self.logic.trainingCases(folder) if folder else []:
             self.ui.casesListWidget.addItem(name)
 
     def onAddCase(self) -> None:
         node = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not add the case."), waitCursor=True):
-            if not node.trainingFolder or not str(node.trainingFolder).strip(". "):
+            if self.trainingFolder() is None:
                 raise JointRegSegError(_("choose a training folder first"))
-            self.logic.addTrainingCase(node.trainingFolder, node.annotatedVolume, node.annotatedSegmentation,
+            self.logic.addTrainingCase(self.trainingFolder(), node.annotatedVolume, node.annotatedSegmentation,
                                        node.modelPath)
         self.updateCaseList()
 
     def onFinetune(self) -> None:
         node = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not start fine-tuning."), waitCursor=True):
+            if self.trainingFolder() is None or not self.logic.trainingCases(self.trainingFolder()):
+                raise JointRegSegError(_("add corrected cases to a training folder first"))
             self.logic.installDependencies(askConfirmation=True)
             output = self.logic.newModelPath(node.modelPath)
-            self.finetuneRun = (self.logic.startFinetune(node.modelPath, node.trainingFolder, output,
+            self.finetuneRun = (self.logic.startFinetune(node.modelPath, self.trainingFolder(), output,
                                                          steps=node.finetuneSteps), output)
             self.ui.finetuneButton.enabled = False
             self.ui.cancelButton.enabled = True

@@ -273,11 +273,20 @@ class Job:
 def save_training_case(folder, volume_node, segmentation_node, label_table: list, name: str | None = None) -> dict:
     """Add a corrected case to a fine-tuning folder: NAME.nrrd (the image), NAME_labels.nrrd (a label map
     on the image's grid, values from `label_table` matched by segment name) and NAME.seg.nrrd (the
-    segmentation, for people). Nothing is written unless everything can be."""
+    segmentation, for people); without a segmentation, the image alone (an unlabelled image). Nothing
+    is written unless everything can be."""
     from .training.finetune import LABEL_SUFFIX
     check_volume_node(volume_node, "annotated")
-    if segmentation_node is None:
-        raise InputImageError("no segmentation selected for the annotated volume")
+    folder = Path(folder)
+    name = name or "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_node.GetName())
+    if segmentation_node is None:            # an image without labels: used in registration pairs only
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".case-", dir=folder))
+        try:
+            export_volume(volume_node, staging / "image.nrrd").replace(folder / f"{name}.nrrd")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {"image": folder / f"{name}.nrrd"}
     segmentation = segmentation_node.GetSegmentation()
     by_name = {e["name"]: int(e["value"]) for e in label_table if int(e["value"]) != 0}
     segment_names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
@@ -292,9 +301,7 @@ def save_training_case(folder, volume_node, segmentation_node, label_table: list
         segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
         labels[mask > 0] = by_name[segment_name]
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = name or "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_node.GetName())
     targets = {"image": folder / f"{name}.nrrd", "labels": folder / f"{name}{LABEL_SUFFIX}.nrrd",
                "segmentation": folder / f"{name}.seg.nrrd"}
     staging = Path(tempfile.mkdtemp(prefix=".case-", dir=folder))

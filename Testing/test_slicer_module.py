@@ -284,3 +284,34 @@ def test_a_corrected_case_round_trips_through_the_training_folder(ctx, pair_node
 def phantom_labels_shifted(points):
     from conftest import phantom_labels
     return phantom_labels(points + np.array([2.0, -3.0, 1.5]))
+
+
+def test_logic_finetunes_in_a_child_process_and_never_touches_the_original(module, ctx, pair_nodes, tmp_path,
+                                                                           tiny_checkpoint):
+    import hashlib
+    moving, fixed = pair_nodes
+    logic = module.JointRegSegLogic()
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
+    array = sitk.GetArrayFromImage(sample_on(grid_for("axis-aligned"), phantom_labels_shifted))
+    for entry in TINY_CARD["labels"][1:]:
+        sid = segmentation.GetSegmentation().AddEmptySegment("", entry["name"], entry["color"])
+        slicer.util.updateSegmentBinaryLabelmapFromArray((array == entry["value"]).astype(np.uint8), segmentation,
+                                                         sid, fixed)
+    folder = tmp_path / "project"
+    logic.addTrainingCase(folder, fixed, segmentation, str(tiny_checkpoint))
+    logic.addTrainingCase(folder, moving, None, str(tiny_checkpoint))          # an unlabelled image
+    assert logic.trainingCases(folder) == ["phantom_fixed", "phantom_moving"]
+    original = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    output = tmp_path / "models" / "tuned.safetensors"
+    stages = []
+    text, improved = logic.finetune(str(tiny_checkpoint), folder, output, steps=20, device="cpu",
+                                    progress=lambda stage, fraction: stages.append(stage))
+    assert any(stage.startswith("train") for stage in stages)
+    assert "Segmentation Dice on the training cases" in text
+    from JointRegSegLib import read_card
+    card = read_card(output)
+    assert card["parent"]["path"] == str(tiny_checkpoint)
+    assert card["finetune"]["labelled_cases"] == ["phantom_fixed"]
+    assert card["finetune"]["unlabelled_cases"] == ["phantom_moving"]
+    assert hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest() == original

@@ -185,7 +185,10 @@ def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
     grid = make_grid((16, 16, 16), (3.0, 3.0, 3.0), np.eye(3), np.zeros(3))
     image = sample_on(grid, phantom_array)
     _write_case(tmp_path / "labelled", "case1", image)
-    with pytest.raises(JointRegSegError, match="has an image but no case1_labels"):
+    with pytest.raises(JointRegSegError, match="no labelled case"):
+        finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors")
+    _write_case(tmp_path / "labelled", "case1", image, sitk.Cast(sample_on(grid, phantom_labels), sitk.sitkUInt8))
+    with pytest.raises(JointRegSegError, match="at least two training images"):
         finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors")
     bad = sample_on(grid, phantom_labels) * 3
     _write_case(tmp_path / "labelled", "case1", image, sitk.Cast(bad, sitk.sitkUInt8))

@@ -9,7 +9,7 @@ process, hence one process per tool.
 Methods and settings (the tools' own defaults, as a user would run them):
   ants-syn        ants.registration(type_of_transform="SyN")  (affine + SyN, antspyx defaults)
   ants-synquick   ants.registration(type_of_transform="antsRegistrationSyNQuick[s]")
-  elastix         itk-elastix default "affine" then default "bspline" parameter maps
+  elastix         itk-elastix default "affine" (initialised at the centres of mass) then default "bspline"
   sitk-demons     SimpleITK: affine (Mattes MI, 3 levels) then diffeomorphic demons (3 levels)
 """
 from __future__ import annotations
@@ -41,7 +41,12 @@ def elastix(moving_path, fixed_path, out: Path) -> None:
     fixed = itk.imread(str(fixed_path), itk.F)
     moving = itk.imread(str(moving_path), itk.F)
     parameters = itk.ParameterObject.New()
-    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    affine = parameters.GetDefaultParameterMap("affine")
+    # the one change from the defaults: start from the centres of mass (as ANTs does), else elastix
+    # stops with "too many samples map outside moving image buffer" on pairs with other origins
+    affine["AutomaticTransformInitialization"] = ["true"]
+    affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+    parameters.AddParameterMap(affine)
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
     _, transform_parameters = itk.elastix_registration_method(fixed, moving, parameter_object=parameters,
                                                                log_to_console=False)

@@ -2,7 +2,8 @@
 
 Folder format (what the Slicer module's "Annotate & refine" writes): for each case `NAME`, an image
 `NAME.nrrd` (or .nii.gz / .nii / .mha) and its corrected labels `NAME_labels.nrrd` on the image's grid,
-values from the model's label table. The unlabelled folder holds images only.
+values from the model's label table. Images without a label file (in either folder) are unlabelled:
+they take part in the registration pairs only.
 
 All images are affinely aligned to the first labelled case and resampled onto the model's working grid
 around it (what inference does per pair), written as a temporary few-shot dataset; `holdout` labelled
@@ -54,12 +55,9 @@ def list_cases(folder, need_labels: bool) -> dict[str, tuple[Path, Path | None]]
     for stem, path in files.items():
         if stem.endswith(LABEL_SUFFIX):
             continue
-        labels = files.get(stem + LABEL_SUFFIX)
-        if need_labels and labels is None:
-            raise JointRegSegError(f"{folder}: case '{stem}' has an image but no {stem}{LABEL_SUFFIX}.nrrd")
-        cases[stem] = (path, labels)
-    if need_labels and not cases:
-        raise JointRegSegError(f"{folder}: no labelled case (IMAGE.nrrd + IMAGE{LABEL_SUFFIX}.nrrd)")
+        cases[stem] = (path, files.get(stem + LABEL_SUFFIX))
+    if need_labels and not any(labels for _, labels in cases.values()):
+        raise JointRegSegError(f"{folder}: no labelled case (NAME.nrrd + NAME{LABEL_SUFFIX}.nrrd)")
     return cases
 
 
@@ -126,14 +124,19 @@ def finetune(init, labelled_dir, out_path, unlabelled_dir=None, holdout: int | N
     from .evaluate import evaluate_pairs
     from .train import train
     card = read_card(init)
-    labelled = list_cases(labelled_dir, need_labels=True)
-    unlabelled = {k: v for k, v in list_cases(unlabelled_dir, need_labels=False).items() if k not in labelled} \
-        if unlabelled_dir else {}
+    cases = list_cases(labelled_dir, need_labels=True)
+    if unlabelled_dir:
+        cases.update({k: (image, None) for k, (image, _) in list_cases(unlabelled_dir, need_labels=False).items()
+                      if k not in cases})
+    labelled = {k: v for k, v in cases.items() if v[1] is not None}
+    unlabelled = {k: v for k, v in cases.items() if v[1] is None}
     holdout = (1 if len(labelled) >= 2 else 0) if holdout is None else int(holdout)
     if holdout >= len(labelled):
         raise JointRegSegError(f"cannot hold out {holdout} of {len(labelled)} labelled cases; at least one must train")
     if len(labelled) - holdout + len(unlabelled) < 2:
-        raise JointRegSegError("fine-tuning needs at least two training images (labelled or unlabelled) to pair")
+        raise JointRegSegError(f"fine-tuning needs at least two training images (labelled or unlabelled) to pair; "
+                               f"{labelled_dir} has {len(labelled)} labelled ({holdout} held out) and "
+                               f"{len(unlabelled)} unlabelled: add corrected cases or images without labels")
     config = {**copy.deepcopy(DEFAULT_FINETUNE), **(config or {})}
     config.setdefault("name", f"{card.get('name', 'model')}-finetuned")
     config.setdefault("description", f"{card.get('description', '')} — fine-tuned on {len(labelled)} corrected cases")
