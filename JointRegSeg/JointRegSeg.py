@@ -71,6 +71,8 @@ class JointRegSegParameterNode:
     affine: bool = True
     refineIterations: Annotated[int, WithinRange(0, 1000)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    guideMovingSegmentation: vtkMRMLSegmentationNode
+    guideFixedSegmentation: vtkMRMLSegmentationNode
     outputTransform: vtkMRMLTransformNode
     outputWarpedVolume: vtkMRMLScalarVolumeNode
     outputFixedSegmentation: vtkMRMLSegmentationNode
@@ -205,8 +207,10 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         try:
             self.logic.installDependencies(askConfirmation=True)
+            guide = (node.guideMovingSegmentation, node.guideFixedSegmentation) \
+                if node.guideMovingSegmentation or node.guideFixedSegmentation else None
             self.job = self.logic.start(node.movingVolume, node.fixedVolume, node.modelPath, affine=node.affine,
-                                        refineIterations=node.refineIterations, device=node.device)
+                                        refineIterations=node.refineIterations, device=node.device, guide=guide)
         except JointRegSegError as err:
             slicer.util.errorDisplay(str(err), windowTitle=_("JointRegSeg"))
             return
@@ -354,16 +358,19 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         slicer.util.pip_install(" ".join(missing))
 
     # --- work --------------------------------------------------------------------------------
-    def start(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", python=None):
+    def start(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", python=None,
+              guide=None):
+        """Start the work in a child process; `guide` = (moving, fixed) corrected segmentation nodes that the
+        refinement also aligns. Returns a JointRegSegLib.mrml.Job (progress, state, cancel)."""
         from JointRegSegLib.mrml import Job
         return Job(moving, fixed, model or None, affine=affine, refine_iterations=refineIterations,
-                   device=device, python=python)
+                   device=device, python=python, guide=guide)
 
     def finish(self, job, outputs=None, jacobian=False):
         return job.finish(slicer.mrmlScene, outputs, jacobian)
 
     def process(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", outputs=None,
-                jacobian=False, progress=None, cancel=None, python=None):
+                jacobian=False, progress=None, cancel=None, python=None, guide=None):
         """Blocking Register & Segment. Returns JointRegSegLib.mrml.Results (transform, warped,
         fixed_segmentation, moving_segmentation, jacobian nodes and the qc dict). Raises
         JointRegSegError with a message naming the problem; the scene is then unchanged."""
@@ -371,7 +378,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         if missing:
             raise JointRegSegError(f"missing Python packages: {', '.join(missing)}; call "
                                    "JointRegSegLogic().installDependencies() first")
-        job = self.start(moving, fixed, model, affine, refineIterations, device, python)
+        job = self.start(moving, fixed, model, affine, refineIterations, device, python, guide)
         try:
             job.run.wait(progress, cancel)
         except BaseException:

@@ -16,9 +16,15 @@ def _cmd_run(args) -> int:
     from .progress import stderr_progress
     moving = read_image(args.moving, "moving")
     fixed = read_image(args.fixed, "fixed")
+    guide = None
+    if bool(args.guide_moving_labels) != bool(args.guide_fixed_labels):
+        raise JointRegSegError("label guidance needs both --guide-moving-labels and --guide-fixed-labels")
+    if args.guide_moving_labels:
+        guide = (read_image(args.guide_moving_labels, "moving guidance labels"),
+                 read_image(args.guide_fixed_labels, "fixed guidance labels"))
     result = register_and_segment(moving, fixed, args.model, device=args.device, affine=not args.no_affine,
                                   refine_iterations=args.refine, refine_similarity=args.similarity,
-                                  progress=stderr_progress)
+                                  guide_labels=guide, progress=stderr_progress)
     written = write_result(result, args.out, extra_qc={"inputs": {"moving": str(args.moving),
                                                                   "fixed": str(args.fixed),
                                                                   "model": str(args.model)}})
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement iterations")
     run.add_argument("--similarity", choices=["lncc", "mi"], default=None, help="refinement similarity")
     run.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    run.add_argument("--guide-moving-labels", default=None, metavar="LABELS",
+                     help="corrected label map of the moving image: refinement also aligns it (with the next)")
+    run.add_argument("--guide-fixed-labels", default=None, metavar="LABELS",
+                     help="corrected label map of the fixed image (values from the model's label table)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     run.add_argument("--report", action="store_true", help="also write a QC report with overlay pictures")
     run.set_defaults(func=_cmd_run)

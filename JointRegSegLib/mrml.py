@@ -151,7 +151,7 @@ def load_results(scene, out_dir: Path, moving_node, fixed_node, outputs: dict | 
     unknown = set(outputs) - set(OUTPUT_ROLES)
     if unknown:
         raise JointRegSegError(f"unknown output roles {sorted(unknown)}; known: {OUTPUT_ROLES}")
-    qc = json.loads((out_dir / OUTPUT_FILES["qc"]).read_text())
+    qc = json.loads((out_dir / OUTPUT_FILES["qc"]).read_text(encoding="utf-8"))
     label_table = qc["label_table"]
     moving_name, fixed_name = moving_node.GetName(), fixed_node.GetName()
     read = {key: sitk.ReadImage(str(out_dir / OUTPUT_FILES[key])) for key in
@@ -226,7 +226,9 @@ class Job:
     import outputs. `run` is the BackgroundRun (progress, state, cancel)."""
 
     def __init__(self, moving_node, fixed_node, model_path, affine: bool = True, refine_iterations: int = 0,
-                 device: str = "auto", python: str | None = None):
+                 device: str = "auto", python: str | None = None, guide: tuple | None = None):
+        """`guide` = (moving segmentation node, fixed segmentation node): corrected segmentations that the
+        refinement also aligns (label-driven instance optimisation)."""
         check_volume_node(moving_node, "moving")
         check_volume_node(fixed_node, "fixed")
         if model_path is None:
@@ -242,6 +244,15 @@ class Job:
             fixed_file = export_volume(fixed_node, self.workdir / "fixed.nrrd")
             args = ["run", "--moving", moving_file, "--fixed", fixed_file, "--model", Path(model_path).resolve(),
                     "--out", self.workdir / "out", "--refine", int(refine_iterations), "--device", device]
+            if guide is not None:
+                if any(g is None for g in guide):
+                    raise InputImageError("label guidance needs a corrected segmentation of both images")
+                for flag, segmentation, node, image_file in (
+                        ("--guide-moving-labels", guide[0], moving_node, moving_file),
+                        ("--guide-fixed-labels", guide[1], fixed_node, fixed_file)):
+                    path = export_labels(segmentation, node, self.card["labels"], self.workdir / f"{flag[8:]}.nrrd",
+                                         image_file)
+                    args += [flag, path]
             self.run = BackgroundRun(args + ([] if affine else ["--no-affine"]), python=python)
         except BaseException:
             self.cleanup()
@@ -268,6 +279,34 @@ class Job:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def label_array_from_segmentation(segmentation_node, volume_node, label_table: list) -> np.ndarray:
+    """The segments as one label array on `volume_node`'s grid, values from `label_table` by segment name."""
+    segmentation = segmentation_node.GetSegmentation()
+    by_name = {e["name"]: int(e["value"]) for e in label_table if int(e["value"]) != 0}
+    segment_names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    unknown = [n for n in segment_names if n not in by_name]
+    if unknown:
+        raise InputImageError(f"segments {unknown} are not in the model's label table {sorted(by_name)}; rename or "
+                              "delete them")
+    if not segment_names:
+        raise InputImageError(f"segmentation '{segmentation_node.GetName()}' has no segments")
+    labels = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8)
+    for segment_name in segment_names:
+        segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+        labels[mask > 0] = by_name[segment_name]
+    return labels
+
+
+def export_labels(segmentation_node, volume_node, label_table: list, path: Path, image_file: Path) -> Path:
+    """Write the segmentation as a label map on the grid of `image_file` (the exported `volume_node`)."""
+    image = sitk.ReadImage(str(image_file))
+    label_image = sitk.GetImageFromArray(label_array_from_segmentation(segmentation_node, volume_node, label_table))
+    label_image.CopyInformation(image)
+    sitk.WriteImage(label_image, str(path), True)
+    return path
+
+
 # --- annotate & refine --------------------------------------------------------------------------
 
 def save_training_case(folder, volume_node, segmentation_node, label_table: list, name: str | None = None) -> dict:
@@ -287,20 +326,7 @@ def save_training_case(folder, volume_node, segmentation_node, label_table: list
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"image": folder / f"{name}.nrrd"}
-    segmentation = segmentation_node.GetSegmentation()
-    by_name = {e["name"]: int(e["value"]) for e in label_table if int(e["value"]) != 0}
-    segment_names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-    unknown = [n for n in segment_names if n not in by_name]
-    if unknown:
-        raise InputImageError(f"segments {unknown} are not in the model's label table {sorted(by_name)}; rename or "
-                              "delete them")
-    if not segment_names:
-        raise InputImageError(f"segmentation '{segmentation_node.GetName()}' has no segments")
-    labels = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8)
-    for segment_name in segment_names:
-        segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-        labels[mask > 0] = by_name[segment_name]
+    labels = label_array_from_segmentation(segmentation_node, volume_node, label_table)
     folder.mkdir(parents=True, exist_ok=True)
     targets = {"image": folder / f"{name}.nrrd", "labels": folder / f"{name}{LABEL_SUFFIX}.nrrd",
                "segmentation": folder / f"{name}.seg.nrrd"}
@@ -310,7 +336,7 @@ def save_training_case(folder, volume_node, segmentation_node, label_table: list
         image = sitk.ReadImage(str(staging / "image.nrrd"))
         label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
-        sitk.WriteImage(label_image, str(staging / "labels.nrrd"), True)
+        sitk.WriteImage(label_image, str(staging / "labels.nrrd"), True)   # (labels checked before any write)
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(str(staging / "segmentation.seg.nrrd"))
         if not storage.WriteData(segmentation_node):

@@ -71,7 +71,7 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
         write_slicer_segmentation(result.moving_segmentation, result.label_table, target("moving_seg_nrrd"))
         sitk.WriteImage(result.jacobian_determinant, target("jacobian"), True)
         qc = {**result.qc, "label_table": result.label_table, **(extra_qc or {})}
-        with open(target("qc"), "w") as handle:
+        with open(target("qc"), "w", encoding="utf-8") as handle:
             json.dump(_jsonable(qc), handle, indent=2)
     return written
 

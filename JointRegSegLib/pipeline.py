@@ -15,6 +15,7 @@ from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
 from .geometry import (border_taper, compose_to_fixed_grid, displacement_image, resample, to_tensor, voxel_ddf_to_mm,
                        working_grid)
+from .errors import InputImageError
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
 from .progress import Reporter
@@ -73,6 +74,20 @@ def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) 
     return np.argmax(on_ref, axis=-1).astype(np.uint8)
 
 
+def _guide_on(labels: sitk.Image, grid: sitk.Image, transform, role: str, label_table: list) -> torch.Tensor:
+    """A guidance label map resampled (nearest) onto the working grid, one-hot (1, C, z, y, x)."""
+    labels = validate_volume(labels, f"{role} guidance labels")
+    array = sitk.GetArrayFromImage(resample(labels, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    values = {int(e["value"]) for e in label_table}
+    unknown = sorted({int(v) for v in np.unique(array)} - values)
+    if unknown:
+        raise InputImageError(f"{role} guidance labels hold values {unknown} that are not in the model's label "
+                              f"table {sorted(values)}")
+    classes = max(values) + 1
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(array.astype(np.int64)), classes)
+    return onehot.permute(3, 0, 1, 2)[None].float()
+
+
 def _class_values(label_table: list) -> np.ndarray:
     """Map network channel -> label value (channels are label values; gaps map to 0)."""
     lut = np.zeros(max(e["value"] for e in label_table) + 1, dtype=np.uint8)
@@ -83,8 +98,13 @@ def _class_values(label_table: list) -> np.ndarray:
 
 def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: str = "auto",
                          affine: bool = True, refine_iterations: int = 0, refine_similarity: str | None = None,
-                         refine_smoothness: float | None = None, progress=None, cancel=None) -> Result:
+                         refine_smoothness: float | None = None, guide_labels: tuple | None = None,
+                         progress=None, cancel=None) -> Result:
     """Register `moving` onto `fixed` and segment both with a joint model (see DESIGN.md, core contract).
+
+    `guide_labels` = (moving label map, fixed label map), values from the model's label table, e.g. an
+    annotator's corrected segmentations: test-time refinement then also maximises their overlap
+    (label-driven instance optimisation; 50 iterations unless `refine_iterations` says otherwise).
 
     progress(stage, fraction) is called as work proceeds; cancel (an Event or a callable) stops it,
     raising Cancelled. Nothing is written anywhere by this function.
@@ -107,6 +127,12 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         fixed_w = resample(fixed, grid, default=_background(fixed))
         moving_w = resample(moving, grid, affine_tx, default=_background(moving))
 
+        guide = None
+        if guide_labels is not None:
+            guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
+                     ((guide_labels[0], affine_tx, "moving"), (guide_labels[1], None, "fixed"))]
+            refine_iterations = refine_iterations or 50
+
     refine_cfg = {**card.get("refinement", {})}
     similarity = refine_similarity or refine_cfg.get("similarity", "lncc")
     smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
@@ -124,6 +150,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 velocity = refine_velocity(
                     network, velocity, moving_t, fixed_t, refine_iterations, similarity=similarity,
                     smoothness=smoothness, learning_rate=refine_cfg.get("learning_rate", 0.05),
+                    label_guidance=None if guide is None else tuple(g.to(dev) for g in guide),
                     on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
         with torch.no_grad():
             ddf = network.displacement(velocity, fixed_t.shape[2:])

@@ -85,5 +85,5 @@ def write_report(result, fixed: sitk.Image, out_dir) -> Path:
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in qc["timing_s"].items()]
     md = out_dir / "report.md"
-    md.write_text("\n".join(lines) + "\n")
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md

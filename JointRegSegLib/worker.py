@@ -35,6 +35,8 @@ class BackgroundRun:
         environment = dict(os.environ if env is None else env)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB_PARENT), environment.get("PYTHONPATH")]))
         environment.setdefault("PYTHONUNBUFFERED", "1")
+        # The child's messages may hold non-ASCII (file names, units); don't let a C locale garble or crash them.
+        environment["PYTHONIOENCODING"] = "utf-8"
         self.progress = ("starting", 0.0)
         self.output = collections.deque(maxlen=200)
         self._cancelled = False
@@ -42,7 +44,8 @@ class BackgroundRun:
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self.process = subprocess.Popen([python or python_executable(), "-m", "JointRegSegLib", *self.args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=environment, text=True, bufsize=1, **options)
+                                        env=environment, text=True, encoding="utf-8", errors="replace",
+                                        bufsize=1, **options)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

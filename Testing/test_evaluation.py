@@ -21,7 +21,7 @@ grid = sitk.ReadImage(fixed)
 field = np.broadcast_to(np.array([4.0, -3.0, 2.0]), sitk.GetArrayFromImage(grid).shape + (3,)).copy()
 image = sitk.GetImageFromArray(field, isVector=True); image.CopyInformation(grid)
 sitk.WriteImage(image, str(out / "displacement.nii.gz"))
-(out / "stats.json").write_text(json.dumps({"seconds": 0.5, "peak_memory_mb": 100.0}))
+(out / "stats.json").write_text(json.dumps({"seconds": 0.5, "peak_memory_mb": 100.0}), encoding="utf-8")
 """
 
 
@@ -34,18 +34,18 @@ def pairs_csv(tmp_path):
     sitk.WriteImage(sample_on(grid, phantom_array, shifted), str(tmp_path / "f.nii.gz"))
     sitk.WriteImage(sample_on(grid, phantom_labels, shifted), str(tmp_path / "f_lab.nii.gz"))
     path = tmp_path / "pairs.csv"
-    path.write_text("name,moving,fixed,moving_labels,fixed_labels\nshifted,m.nii.gz,f.nii.gz,m_lab.nii.gz,f_lab.nii.gz\n")
+    path.write_text("name,moving,fixed,moving_labels,fixed_labels\nshifted,m.nii.gz,f.nii.gz,m_lab.nii.gz,f_lab.nii.gz\n", encoding="utf-8")
     return path
 
 
 def test_evaluate_scores_every_method_and_writes_tables_and_plots(tmp_path, pairs_csv, tiny_checkpoint):
     peer = tmp_path / "peer.py"
-    peer.write_text(PEER)
+    peer.write_text(PEER, encoding="utf-8")
     out = tmp_path / "eval"
     assert main(["evaluate", "--pairs", str(pairs_csv), "--model", str(tiny_checkpoint), "--baseline", "identity",
                  "--baseline", "affine", "--external", f"known-shift={sys.executable} {peer}",
                  "--reference", "known-shift", "--device", "cpu", "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv", encoding="utf-8"))}
     assert set(rows) == {"identity", "affine", "tiny-test-model", "known-shift"}
     dice = {m: float(r["registration_dice"]) for m, r in rows.items()}
     assert dice["known-shift"] > 0.97                      # the exact answer scores (almost) perfectly
@@ -54,7 +54,7 @@ def test_evaluate_scores_every_method_and_writes_tables_and_plots(tmp_path, pair
     assert float(rows["known-shift"]["folding_percent"]) == 0.0
     assert float(rows["known-shift"]["seconds"]) == 0.5
     assert rows["identity"]["segmentation_dice"] == "nan" and rows["tiny-test-model"]["segmentation_dice"] != "nan"
-    summary = (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "| known-shift | 1 |" in summary and "speed-up vs known-shift" in summary
     for name in ("dice_per_structure.png", "time_vs_dice.png"):
         assert (out / name).stat().st_size > 5000
@@ -62,10 +62,10 @@ def test_evaluate_scores_every_method_and_writes_tables_and_plots(tmp_path, pair
 
 def test_bad_pairs_file_is_named(tmp_path, capsys):
     bad = tmp_path / "pairs.csv"
-    bad.write_text("moving,fixed\na.nii.gz,b.nii.gz\n")
+    bad.write_text("moving,fixed\na.nii.gz,b.nii.gz\n", encoding="utf-8")
     assert main(["evaluate", "--pairs", str(bad), "--baseline", "identity", "--out", str(tmp_path / "o")]) == 2
     assert "needs a header with columns" in capsys.readouterr().err
-    bad.write_text("moving,fixed,moving_labels,fixed_labels\nnope.nii.gz,b.nii.gz,c.nii.gz,d.nii.gz\n")
+    bad.write_text("moving,fixed,moving_labels,fixed_labels\nnope.nii.gz,b.nii.gz,c.nii.gz,d.nii.gz\n", encoding="utf-8")
     assert main(["evaluate", "--pairs", str(bad), "--baseline", "identity", "--out", str(tmp_path / "o")]) == 2
     assert "files not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -74,7 +74,7 @@ def test_cli_run_writes_every_output(tmp_path, pair_files, tiny_checkpoint, caps
     assert code == 0
     for name in OUTPUT_FILES.values():
         assert (out / name).is_file(), name
-    qc = json.loads((out / "qc.json").read_text())
+    qc = json.loads((out / "qc.json").read_text(encoding="utf-8"))
     assert {"folding_percent", "jacobian_min", "fixed_volumes_ml", "timing_s", "device"} <= set(qc)
     assert qc["device"] == "cpu" and qc["refine_iterations"] == 3
     assert "PROGRESS" in capsys.readouterr().err

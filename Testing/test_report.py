@@ -12,5 +12,5 @@ def test_report_has_picture_and_table(tmp_path, tiny_model):
     md = write_report(result, fixed, tmp_path)
     png = tmp_path / "qc_overview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "folding (det J <= 0)" in text and "| core |" in text and "qc_overview.png" in text

@@ -236,7 +236,7 @@ def test_module_metadata(module):
 def test_every_widget_the_module_uses_exists_in_the_ui():
     tree = ET.parse(UI_FILE)
     widgets = {w.get("name") for w in tree.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used and used <= widgets, f"missing in the .ui: {sorted(used - widgets)}"
 
 
@@ -246,7 +246,7 @@ def test_parameter_names_in_the_ui_match_the_parameter_node(module):
     fields = set(module.JointRegSegParameterNode.__annotations__) - {"modelPath"}
     assert bound == fields
     assert (MODULE_FILE.parent / "Resources" / "Icons" / "JointRegSeg.png").is_file()
-    cmake = (MODULE_FILE.parent / "CMakeLists.txt").read_text()
+    cmake = (MODULE_FILE.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "WITH_GENERIC_TESTS" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
 
 
@@ -255,13 +255,8 @@ def test_a_corrected_case_round_trips_through_the_training_folder(ctx, pair_node
     from JointRegSegLib.training.finetune import list_cases
     _, fixed = pair_nodes
     truth = sample_on(grid_for("axis-aligned"), phantom_labels_shifted)
-    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
     array = sitk.GetArrayFromImage(truth)
-    for entry in TINY_CARD["labels"][1:]:
-        sid = segmentation.GetSegmentation().AddEmptySegment("", entry["name"], entry["color"])
-        slicer.util.updateSegmentBinaryLabelmapFromArray((array == entry["value"]).astype(np.uint8), segmentation,
-                                                         sid, fixed)
+    segmentation = segmentation_from(ctx, fixed, array, "corrected")
     written = save_training_case(tmp_path / "project", fixed, segmentation, TINY_CARD["labels"], name="case 1")
     cases = list_cases(tmp_path / "project", need_labels=True)
     assert list(cases) == ["case 1"]
@@ -291,13 +286,8 @@ def test_logic_finetunes_in_a_child_process_and_never_touches_the_original(modul
     import hashlib
     moving, fixed = pair_nodes
     logic = module.JointRegSegLogic()
-    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fixed)
-    array = sitk.GetArrayFromImage(sample_on(grid_for("axis-aligned"), phantom_labels_shifted))
-    for entry in TINY_CARD["labels"][1:]:
-        sid = segmentation.GetSegmentation().AddEmptySegment("", entry["name"], entry["color"])
-        slicer.util.updateSegmentBinaryLabelmapFromArray((array == entry["value"]).astype(np.uint8), segmentation,
-                                                         sid, fixed)
+    segmentation = segmentation_from(ctx, fixed, sitk.GetArrayFromImage(sample_on(grid_for("axis-aligned"),
+                                                                                 phantom_labels_shifted)), "corrected")
     folder = tmp_path / "project"
     logic.addTrainingCase(folder, fixed, segmentation, str(tiny_checkpoint))
     logic.addTrainingCase(folder, moving, None, str(tiny_checkpoint))          # an unlabelled image
@@ -315,3 +305,33 @@ def test_logic_finetunes_in_a_child_process_and_never_touches_the_original(modul
     assert card["finetune"]["labelled_cases"] == ["phantom_fixed"]
     assert card["finetune"]["unlabelled_cases"] == ["phantom_moving"]
     assert hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest() == original
+
+
+def segmentation_from(ctx, volume, array, name):
+    """A segmentation node on `volume` with one segment per tiny-model label present in `array`."""
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for entry in TINY_CARD["labels"][1:]:
+        sid = segmentation.GetSegmentation().AddEmptySegment("", entry["name"], entry["color"])
+        slicer.util.updateSegmentBinaryLabelmapFromArray((array == entry["value"]).astype(np.uint8), segmentation,
+                                                         sid, volume)
+    return segmentation
+
+
+def test_corrected_segmentations_guide_the_registration_through_the_logic(module, ctx, pair_nodes, tiny_checkpoint):
+    from conftest import phantom_labels
+    moving, fixed = pair_nodes
+    moving_seg = segmentation_from(ctx, moving, sitk.GetArrayFromImage(sample_on(grid_for("lps-oblique"),
+                                                                                 phantom_labels)), "moving corrected")
+    fixed_seg = segmentation_from(ctx, fixed, sitk.GetArrayFromImage(sample_on(grid_for("axis-aligned"),
+                                                                               phantom_labels_shifted)), "fixed corrected")
+    logic = module.JointRegSegLogic()
+    before = node_ids(ctx.scene)
+    with pytest.raises(InputImageError, match="both images"):
+        logic.process(moving, fixed, str(tiny_checkpoint), device="cpu", guide=(moving_seg, None))
+    assert node_ids(ctx.scene) == before
+    stages = []
+    results = logic.process(moving, fixed, str(tiny_checkpoint), device="cpu", guide=(moving_seg, fixed_seg),
+                            progress=lambda stage, fraction: stages.append(stage))
+    assert "test-time refinement" in stages        # guidance turns refinement on
+    assert results.transform is not None

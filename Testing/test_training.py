@@ -59,7 +59,7 @@ def tiny_dataset(tmp_path):
                 "label_table": TINY_CARD["labels"], "modality": "synthetic", "items": items,
                 "validation_pairs": [{"moving": "s5", "fixed": "s6"}], "sources": [{"name": "phantom"}],
                 "notes": "test phantom"}
-    (folder / "dataset.json").write_text(json.dumps(manifest))
+    (folder / "dataset.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
 
@@ -73,7 +73,7 @@ def test_deepatlas_training_writes_a_documented_checkpoint(tmp_path, tiny_datase
     assert card["data"]["sources"] == [{"name": "phantom"}]
     assert 0.0 <= card["metrics"]["registration_dice_mean"] <= 1.0
     assert card["working_grid"]["size"] == GRID["size"]
-    log = (tmp_path / "m.log.csv").read_text().splitlines()
+    log = (tmp_path / "m.log.csv").read_text(encoding="utf-8").splitlines()
     phases = {line.split(",")[1] for line in log[1:]}
     assert phases == {"reg_pretrain", "seg_pretrain", "joint_reg", "joint_seg"}
     assert not (tmp_path / "m.partial.safetensors").exists()
@@ -90,11 +90,11 @@ def test_training_resumes_after_a_stop(tmp_path, tiny_dataset):
 
     with pytest.raises(Cancelled):
         train(CONFIG, tiny_dataset, out, device="cpu", progress=stop_after_five)
-    state = json.loads((tmp_path / "m.state.json").read_text())
+    state = json.loads((tmp_path / "m.state.json").read_text(encoding="utf-8"))
     assert state["next_step"] == 3
     partial = load_model(tmp_path / "m.partial.safetensors")
     train(CONFIG, tiny_dataset, out, device="cpu")
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "m.log.csv").read_text().splitlines()[1:]]
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "m.log.csv").read_text(encoding="utf-8").splitlines()[1:]]
     # steps 3.. ran again after the resume, none before step 3 twice
     assert steps.count(0) == 1 and steps.count(3) == 2
     final = load_model(out)
@@ -119,7 +119,7 @@ def test_other_strategies_train_and_record_their_paper(tmp_path, tiny_dataset, s
     card = load_model(out).card
     assert card["training"]["strategy"] == strategy
     assert card["training"]["paper"] and card["training"]["implements"]
-    rows = [line.split(",") for line in (tmp_path / "m.log.csv").read_text().splitlines()[1:]]
+    rows = [line.split(",") for line in (tmp_path / "m.log.csv").read_text(encoding="utf-8").splitlines()[1:]]
     phases = {row[1] for row in rows}
     expected = {"joint_disc", "joint_reg", "joint_seg"} if strategy == "deeprs" else {"joint_reg"}
     assert expected <= phases
@@ -131,18 +131,18 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_dataset):
     import subprocess
     import sys
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({**CONFIG, "steps": {"reg_pretrain": 2, "seg_pretrain": 2, "joint": 2}}))
+    config.write_text(json.dumps({**CONFIG, "steps": {"reg_pretrain": 2, "seg_pretrain": 2, "joint": 2}}), encoding="utf-8")
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "JointRegSegLib", "train", "--config", str(config), "--data", str(tiny_dataset),
-                           "--out", str(out), "--device", "cpu"], capture_output=True, text=True, env=env,
+                           "--out", str(out), "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     card = load_model(out).card
     assert card["training"]["world_size"] == 2
     # one log row per update, written by rank 0 only
-    assert len((tmp_path / "ddp.log.csv").read_text().splitlines()) == 1 + 2 + 2 + 2 + 1
+    assert len((tmp_path / "ddp.log.csv").read_text(encoding="utf-8").splitlines()) == 1 + 2 + 2 + 2 + 1
 
 
 def _write_case(folder, name, image, labels=None):

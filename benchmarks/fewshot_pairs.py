@@ -9,10 +9,10 @@ from pathlib import Path
 
 def main(dataset: str, out_csv: str) -> int:
     dataset, out_csv = Path(dataset).resolve(), Path(out_csv).resolve()
-    manifest = json.loads((dataset / "dataset.json").read_text())
+    manifest = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     items = {item["name"]: item for item in manifest["items"]}
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as handle:
+    with open(out_csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "moving", "fixed", "moving_labels", "fixed_labels"])
         for pair in manifest["validation_pairs"]:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "work" / "finetune"))
     args = parser.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
-    manifest = json.loads((data / "dataset.json").read_text())
+    manifest = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     train = [i for i in manifest["items"] if i["split"] == "train" and i["synthetic"] and i["labels"]]
     unlabelled_items = [i for i in manifest["items"] if i["split"] == "train" and i["synthetic"] and not i["labels"]]
     val = [i for i in manifest["items"] if i["split"] == "val"][:4]
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             f"`python benchmarks/finetune_study.py --data {args.data} --counts {' '.join(map(str, args.counts))} "
             f"--steps {args.steps}`; {len(val)} held-out cases, {args.unlabelled} unlabelled images, CPU.\n\n"
             + "\n".join(lines) + "\n")
-    (out / "FINETUNE.md").write_text(text)
+    (out / "FINETUNE.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 

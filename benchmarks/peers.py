@@ -23,6 +23,14 @@ from pathlib import Path
 
 
 def _peak_mb() -> float:
+    """Peak RSS of this process since exec (VmHWM). ru_maxrss would include the memory of the parent
+    at fork time, since Linux keeps it across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -106,7 +114,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     METHODS[method](moving, fixed, out)
     seconds = time.perf_counter() - started
-    (out / "stats.json").write_text(json.dumps({"seconds": seconds, "peak_memory_mb": _peak_mb()}))
+    (out / "stats.json").write_text(json.dumps({"seconds": seconds, "peak_memory_mb": _peak_mb()}), encoding="utf-8")
     return 0
 
 

@@ -61,13 +61,13 @@ def build_pairs(folder: Path, n_synthetic: int, seed: int = 11) -> Path:
         sitk.WriteImage(image, str(folder / f"{name}.nii.gz"), True)
         sitk.WriteImage(labels, str(folder / f"{name}_labels.nii.gz"), True)
         rows.append(f"{name}_to_colin27,{name}.nii.gz,colin27.nii.gz,{name}_labels.nii.gz,colin27_labels.nii.gz")
-    csv_path.write_text("\n".join(rows) + "\n")
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return csv_path
 
 
 def tool_version(python: str, module: str, package: str) -> str | None:
     code = (f"import importlib.metadata as m, {module}; print(m.version({package!r}))")
-    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace")
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -124,10 +124,10 @@ def main(argv=None) -> int:
                 "excluding interpreter start and file IO); speed-up = ANTs SyN time / method time. Peak memory: "
                 "resident memory of the process doing the work.\n\n")
     written = write_evaluation(rows, _labels(model), work / "evaluation", reference=reference, header=header)
-    text = Path(written["summary"]).read_text()
+    text = Path(written["summary"]).read_text(encoding="utf-8")
     text += ("\n![Dice per structure](dice_per_structure.png)\n\n![Time vs Dice](time_vs_dice.png)\n\n"
              "Per-pair, per-structure numbers: `results.csv`.\n")
-    Path(args.results).write_text(text)
+    Path(args.results).write_text(text, encoding="utf-8")
     for name in ("dice_per_structure.png", "time_vs_dice.png", "results.csv"):
         shutil.copy(work / "evaluation" / name, Path(args.results).parent / name)
     print(text)

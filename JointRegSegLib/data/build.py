@@ -78,7 +78,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 36, n_val: 
                      "bias field and noise. Validation subjects derive from the same two labelled anatomies "
                      "with stronger changes; numbers on them are optimistic for unseen anatomy.",
         }
-        (staging / "dataset.json").write_text(json.dumps(manifest, indent=2))
+        (staging / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return out_dir
 
 
@@ -88,4 +88,4 @@ def load_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         from ..errors import JointRegSegError
         raise JointRegSegError(f"{folder}: no dataset.json; build one with `jointregseg data build --out {folder}`")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -79,7 +79,7 @@ def colin27() -> Subject:
                            sitk.sitkFloat32)
     labels = sitk.ReadImage(str(MRICRON / "aal.nii.gz"))
     lut = {}
-    for line in (MRICRON / "aal.nii.txt").read_text().splitlines():
+    for line in (MRICRON / "aal.nii.txt").read_text(encoding="utf-8").splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0].isdigit():
             lut[int(parts[0])] = int(parts[2])

@@ -25,7 +25,7 @@ def _cmd_evaluate(args) -> int:
         raise JointRegSegError("nothing to evaluate: give --model, --baseline or --external")
     if args.labels:
         import json
-        label_table = json.loads(Path(args.labels).read_text())
+        label_table = json.loads(Path(args.labels).read_text(encoding="utf-8"))
     elif models:
         label_table = read_card(models[0])["labels"]
     else:
@@ -33,7 +33,7 @@ def _cmd_evaluate(args) -> int:
     rows = evaluate(pairs, methods, label_table, progress=stderr_progress)
     header = f"# Evaluation: {len(pairs)} pairs from {args.pairs}\n\n{environment_lines()}\n"
     written = write_evaluation(rows, label_table, args.out, reference=args.reference, header=header)
-    print(Path(written["summary"]).read_text())
+    print(Path(written["summary"]).read_text(encoding="utf-8"))
     for key in ("csv", "summary"):
         print(f"{key}: {written[key]}")
     return 0

@@ -33,7 +33,7 @@ def read_pairs(csv_path) -> list[Pair]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise JointRegSegError(f"pairs file not found: {csv_path}")
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     needed = {"moving", "fixed", "moving_labels", "fixed_labels"}
     if not rows or not needed <= set(rows[0]):
@@ -159,7 +159,7 @@ def write_plots(rows: list[dict], label_table: list, folder: Path) -> None:
     import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(row["method"] for row in rows))
     structures = [e["name"] for e in label_table if e["value"] != 0]
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(structures) * len(methods) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(8, 0.25 * len(structures) * len(methods))), 4.5))
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
         data = [[r[f"dice_{s}"] for r in rows if r["method"] == method and not math.isnan(r[f"dice_{s}"])]
@@ -196,11 +196,11 @@ def write_evaluation(rows: list[dict], label_table: list, out_dir, reference: st
     out_dir = Path(out_dir)
     summary = summarize(rows, reference)
     with staged_output_dir(out_dir) as staging:
-        with open(staging / "results.csv", "w", newline="") as handle:
+        with open(staging / "results.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        (staging / "summary.md").write_text(header + summary_markdown(summary, reference))
+        (staging / "summary.md").write_text(header + summary_markdown(summary, reference), encoding="utf-8")
         write_plots(rows, label_table, staging)
     return {"csv": out_dir / "results.csv", "summary": out_dir / "summary.md",
             "plots": [out_dir / "dice_per_structure.png", out_dir / "time_vs_dice.png"], "table": summary}

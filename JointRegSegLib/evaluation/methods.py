@@ -122,11 +122,11 @@ class ExternalMethod:
             sitk.WriteImage(moving, str(work / "moving.nii.gz"))
             sitk.WriteImage(fixed, str(work / "fixed.nii.gz"))
             done = subprocess.run(self.command + [str(work / "moving.nii.gz"), str(work / "fixed.nii.gz"),
-                                                  str(work / "out")], capture_output=True, text=True,
-                                  timeout=self.timeout_s)
+                                                  str(work / "out")], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                  timeout=self.timeout_s, cwd=work)   # some tools write into the cwd
             if done.returncode != 0:
                 raise JointRegSegError(f"{self.name} failed (exit {done.returncode}): {done.stderr[-2000:]}")
-            stats = json.loads((work / "out" / "stats.json").read_text())
+            stats = json.loads((work / "out" / "stats.json").read_text(encoding="utf-8"))
             field = sitk.ReadImage(str(work / "out" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
         if field.GetSize() != fixed.GetSize():
             raise JointRegSegError(f"{self.name}: displacement field size {field.GetSize()} is not the fixed grid "

@@ -11,7 +11,7 @@ STRATEGIES = ("deepatlas", "deeprs", "unsupervised")  # training.strategies.STRA
 def _cmd_train(args) -> int:
     from ..progress import stderr_progress
     from .train import train
-    config = json.loads(Path(args.config).read_text())
+    config = json.loads(Path(args.config).read_text(encoding="utf-8"))
     config["strategy"] = args.strategy or config.get("strategy", "deepatlas")
     out = train(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
     print(f"model written to {out}")
@@ -21,7 +21,7 @@ def _cmd_train(args) -> int:
 def _cmd_finetune(args) -> int:
     from ..progress import stderr_progress
     from .finetune import finetune
-    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     if args.steps:
         config["steps"] = {"reg_pretrain": 0, "seg_pretrain": args.steps // 2, "joint": args.steps - args.steps // 2}
     outcome = finetune(args.init, args.labelled, args.out, unlabelled_dir=args.unlabelled, holdout=args.holdout,

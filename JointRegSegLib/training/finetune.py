@@ -109,7 +109,7 @@ def prepare_dataset(card: dict, labelled: dict, unlabelled: dict, holdout: int, 
                 "validation_pairs": pairs, "held_out": held,
                 "sources": [{"name": "annotator corrections", "labelled": names, "unlabelled": list(unlabelled)}],
                 "notes": "fine-tuning set from corrected segmentations"}
-    (out_dir / "dataset.json").write_text(json.dumps(manifest, indent=2))
+    (out_dir / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
 
 

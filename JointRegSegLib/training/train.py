@@ -104,6 +104,7 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
     wrapped in torch DDP, each process samples its own pairs and rank 0 writes every file.
     """
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     strategy_name = config.get("strategy", "deepatlas")
     if strategy_name not in STRATEGIES:
         raise JointRegSegError(f"unknown training strategy {strategy_name!r}; available: {sorted(STRATEGIES)}")
@@ -120,7 +121,7 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
     start = 0
     if partial.is_file() and state_path.is_file():
         model = load_model(partial, dev)
-        start = json.loads(state_path.read_text())["next_step"]
+        start = json.loads(state_path.read_text(encoding="utf-8"))["next_step"]
     elif init is not None:
         model = load_model(init, dev)
         model.card = {**model.card, "parent": {"name": model.card.get("name"), "path": str(init),
@@ -141,7 +142,7 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
     optimizers = strategy.optimizers()
     plan = _schedule(config)
     log_path = out_path.with_suffix(".log.csv")
-    log = open(log_path, "a", newline="") if rank == 0 else None
+    log = open(log_path, "a", newline="", encoding="utf-8") if rank == 0 else None
     writer = csv.writer(log) if log else None
     if writer and start == 0:
         writer.writerow(["step", "phase", "loss", "terms", "seconds"])
@@ -165,7 +166,7 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
                 save_model(model, partial)
                 if auxiliary:
                     _save_auxiliary(auxiliary, aux_path)
-                state_path.write_text(json.dumps({"next_step": step + 1, "of": len(plan)}))
+                state_path.write_text(json.dumps({"next_step": step + 1, "of": len(plan)}), encoding="utf-8")
     finally:
         if log:
             log.close()
