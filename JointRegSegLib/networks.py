@@ -77,7 +77,116 @@ class JointRegSegNet(nn.Module):
         return self.segmentation(image)
 
 
-ARCHITECTURES = {"unet-pair": JointRegSegNet}
+def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2 if stride == 1 else 0),
+                         nn.LeakyReLU(0.2))
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), nn.LeakyReLU(0.2))
+
+
+class UReSNetEncoder(nn.Module):
+    """Two blocks (8 and 16 channels), each a 2x2x2 stride-2 convolution then a 3x3x3 convolution."""
+
+    def __init__(self, channels=(8, 16)):
+        super().__init__()
+        c1, c2 = channels
+        self.block1 = nn.Sequential(_conv(1, c1, 2, 2), _conv(c1, c1))
+        self.block2 = nn.Sequential(_conv(c1, c2, 2, 2), _conv(c2, c2))
+
+    def forward(self, image):
+        half = self.block1(image)
+        return half, self.block2(half)
+
+
+class _Parts:
+    """Modules addressed together (for an optimiser) without registering them twice in the state dict."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+
+    def parameters(self):
+        for module in self.modules:
+            yield from module.parameters()
+
+
+class UReSNet(nn.Module):
+    """U-ReSNet (Estienne et al. 2019): one encoder shared by both images (siamese branches), an affine
+    head (global average pooling + one dense layer -> 3x4 matrix), an elastic decoder and a segmentation
+    decoder, under 40k parameters. The elastic part is a stationary velocity integrated by scaling and
+    squaring (the paper integrates spatial gradients; the SVF keeps it diffeomorphic); the output
+    transform samples the moving image at A(x + u(x)), the paper's W(M, Phi x A), and is returned as one
+    dense displacement so refinement, QC and export treat it like every other model's.
+    """
+
+    def __init__(self, architecture: dict, num_classes: int):
+        super().__init__()
+        c1, c2 = architecture.get("channels", (8, 16))
+        self.encoder = UReSNetEncoder((c1, c2))
+        self.affine_head = nn.Linear(2 * c2, 12)
+        nn.init.zeros_(self.affine_head.weight)
+        nn.init.zeros_(self.affine_head.bias)
+        self.elastic = nn.ModuleDict({"up1": _up(2 * c2, c1), "conv1": _conv(3 * c1, c2),
+                                      "up2": _up(c2, c1), "conv2": _conv(c1 + 2, c1),
+                                      "head": nn.Conv3d(c1, 3, 3, padding=1)})
+        _zero_last_conv(self.elastic["head"])
+        self.seg_decoder = nn.ModuleDict({"up1": _up(c2, c1), "conv1": _conv(2 * c1, c1),
+                                          "up2": _up(c1, c1), "conv2": _conv(c1 + 1, c1),
+                                          "head": nn.Conv3d(c1, num_classes, 3, padding=1)})
+        downsample = architecture.get("velocity_downsample", 2)
+        self.integrator = VelocityIntegrator(architecture.get("integration_steps", 7), downsample)
+        self.output = VelocityIntegrator(0, downsample)
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+
+    # The training strategies address the parts by role; the shared encoder belongs to both.
+    @property
+    def registration(self) -> _Parts:
+        return _Parts(self.encoder, self.affine_head, self.elastic)
+
+    @property
+    def segmentation(self) -> _Parts:
+        return _Parts(self.encoder, self.seg_decoder)
+
+    def elastic_and_affine(self, moving, fixed):
+        half_m, deep_m = self.encoder(moving)
+        half_f, deep_f = self.encoder(fixed)
+        deep = torch.cat([deep_m, deep_f], dim=1)
+        delta = self.affine_head(deep.mean(dim=(2, 3, 4))).view(-1, 3, 4)
+        matrix = torch.eye(3, 4, device=delta.device, dtype=delta.dtype) + delta
+        e = self.elastic
+        x = e["conv1"](torch.cat([e["up1"](deep), half_m, half_f], dim=1))
+        x = e["conv2"](torch.cat([e["up2"](x), moving, fixed], dim=1))
+        velocity_low = self.integrator.reduce(e["head"](x))
+        return self.integrator(velocity_low, fixed.shape[2:]), matrix
+
+    def compose(self, elastic_ddf: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Displacement (voxels) of x -> A(x + u(x)), coordinates centred on the grid."""
+        shape = elastic_ddf.shape[2:]
+        axes = [torch.arange(n, device=elastic_ddf.device, dtype=elastic_ddf.dtype) - (n - 1) / 2 for n in shape]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+        moved = grid + elastic_ddf
+        sampled = torch.einsum("bij,bj...->bi...", matrix[:, :, :3], moved) + matrix[:, :, 3, None, None, None]
+        return sampled - grid
+
+    def velocity(self, moving, fixed):
+        """For this architecture the 'velocity' handed to refinement is the whole displacement, reduced."""
+        elastic_ddf, matrix = self.elastic_and_affine(moving, fixed)
+        return self.output.reduce(self.compose(elastic_ddf, matrix))
+
+    def displacement(self, velocity_low, full_shape):
+        return self.output(velocity_low, full_shape)
+
+    def segment(self, image):
+        half, deep = self.encoder(image)
+        d = self.seg_decoder
+        x = d["conv1"](torch.cat([d["up1"](deep), half], dim=1))
+        x = d["conv2"](torch.cat([d["up2"](x), image], dim=1))
+        return d["head"](x)
+
+
+ARCHITECTURES = {"unet-pair": JointRegSegNet, "uresnet": UReSNet}
 
 
 def build_network(architecture: dict, num_classes: int) -> nn.Module:

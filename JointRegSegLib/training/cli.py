@@ -5,14 +5,31 @@ import json
 import sys
 from pathlib import Path
 
-STRATEGIES = ("deepatlas", "deeprs", "unsupervised")  # training.strategies.STRATEGIES, without importing torch
+# training.strategies.STRATEGIES and networks.ARCHITECTURES, named here without importing torch
+STRATEGIES = ("deepatlas", "deeprs", "brbs", "pcreg-rt", "uresnet", "unsupervised")
+ARCHITECTURES = {"unet-pair": {"name": "unet-pair", "registration": {"channels": [16, 32, 32, 32], "strides": [2, 2, 2]},
+                               "segmentation": {"channels": [16, 32, 32, 64], "strides": [2, 2, 2]},
+                               "integration_steps": 7, "velocity_downsample": 2},
+                 "uresnet": {"name": "uresnet", "channels": [8, 16], "integration_steps": 7, "velocity_downsample": 2}}
+ARCH_ALIASES = {"ureset": "uresnet", "u-resnet": "uresnet"}
+
+
+def _architecture(config: dict, arch: str | None) -> dict:
+    """`--arch` replaces the config's architecture unless the config already names that one."""
+    if arch is None:
+        return config.get("architecture") or ARCHITECTURES["unet-pair"]
+    arch = ARCH_ALIASES.get(arch, arch)
+    current = config.get("architecture") or {}
+    return current if current.get("name") == arch else ARCHITECTURES[arch]
 
 
 def _cmd_train(args) -> int:
     from ..progress import stderr_progress
     from .train import train
     config = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    config["strategy"] = args.strategy or config.get("strategy", "deepatlas")
+    config["architecture"] = _architecture(config, args.arch)
+    default_strategy = "uresnet" if config["architecture"]["name"] == "uresnet" else "deepatlas"
+    config["strategy"] = args.strategy or config.get("strategy", default_strategy)
     out = train(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
     print(f"model written to {out}")
     return 0
@@ -38,7 +55,10 @@ def _cmd_finetune(args) -> int:
 
 def register(sub) -> None:
     train = sub.add_parser("train", help="few-shot joint training of registration + segmentation")
-    train.add_argument("--strategy", choices=STRATEGIES, default=None)
+    train.add_argument("--strategy", choices=STRATEGIES, default=None,
+                       help="training method (default: the config's, else deepatlas; uresnet for --arch uresnet)")
+    train.add_argument("--arch", choices=[*ARCHITECTURES, *ARCH_ALIASES], default=None,
+                       help="network architecture (default: the config's); uresnet = U-ReSNet, under 40k parameters")
     train.add_argument("--config", required=True, help="JSON training config (see configs/)")
     train.add_argument("--data", required=True, help="dataset folder from `jointregseg data build`")
     train.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
