@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import SimpleITK as sitk
 
+MAX_SAMPLES = 50_000
 
 
 def _shrunk(image: sitk.Image, target_mm: float) -> sitk.Image:
@@ -25,7 +26,6 @@ def affine_prealign(moving: sitk.Image, fixed: sitk.Image, iterations: int = 100
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.25, seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                     numberOfIterations=iterations,
@@ -35,6 +35,10 @@ def affine_prealign(moving: sitk.Image, fixed: sitk.Image, iterations: int = 100
     for pyramid_mm in (4.0, 2.0):
         fixed_level = fixed_small if pyramid_mm == 4.0 else _shrunk(fixed, 2.0)
         moving_level = moving_small if pyramid_mm == 4.0 else _shrunk(moving, 2.0)
+        # ~50k random samples per iteration estimate 12 parameters well (elastix uses a few thousand);
+        # a quarter of a 2 mm brain (220k) cost 4x the time for the same transform
+        voxels = fixed_level.GetNumberOfPixels()
+        method.SetMetricSamplingPercentage(min(0.25, MAX_SAMPLES / voxels), seed)
         if on_iteration is not None:
             method.RemoveAllCommands()
             method.AddCommand(sitk.sitkIterationEvent, lambda m=method: on_iteration(m.GetOptimizerIteration()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +71,12 @@ def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) 
     probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
     prob_image = sitk.GetImageFromArray(probs, isVector=True)
     prob_image.CopyInformation(logits_image)
-    on_ref = sitk.GetArrayFromImage(resample(prob_image, reference, transform, pixel_type=sitk.sitkVectorFloat32))
-    return np.argmax(on_ref, axis=-1).astype(np.uint8)
+    on_ref = resample(prob_image, reference, transform, pixel_type=sitk.sitkVectorFloat32)
+    # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the view is read-only; nothing writes to it
+        view = torch.from_numpy(sitk.GetArrayViewFromImage(on_ref))
+    return view.argmax(dim=-1).to(torch.uint8).numpy()
 
 
 def _guide_on(labels: sitk.Image, grid: sitk.Image, transform, role: str, label_table: list) -> torch.Tensor:
