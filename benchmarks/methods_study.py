@@ -85,6 +85,10 @@ def evaluate_models(pairs_csv: Path, trained: dict, out: Path) -> list[dict]:
     return summarize(rows)
 
 
+def _fmt(value: float) -> str:
+    return "–" if value != value else f"{value:.3f}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
         params = f"{e['parameters']:,}" if e["parameters"] else "–"
         train_s = "–" if e["train_seconds"] != e["train_seconds"] else f"{e['train_seconds']:.0f}"
         lines.append(f"| {e['labelled']} | {e['method']} | {e['registration_dice']:.3f} ± {e['registration_dice_sd']:.3f}"
-                     f" | {e['segmentation_dice']:.3f} | {e['hd95_mm']:.2f} | {e['folding_percent']:.4f} | {train_s} | "
+                     f" | {_fmt(e['segmentation_dice'])} | {e['hd95_mm']:.2f} | {e['folding_percent']:.4f} | {train_s} | "
                      f"{e['seconds']:.1f} | {params} |")
     text = "\n".join(lines) + "\n"
     (out / "METHODS.md").write_text(text, encoding="utf-8")
