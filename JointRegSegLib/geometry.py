@@ -98,13 +98,6 @@ def physical_points(grid: sitk.Image) -> np.ndarray:
     return index @ index_to_physical_matrix(grid).T + np.array(grid.GetOrigin())
 
 
-def apply_affine(points: np.ndarray, affine: sitk.AffineTransform) -> np.ndarray:
-    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
-    center = np.array(affine.GetCenter())
-    translation = np.array(affine.GetTranslation())
-    return (points - center) @ matrix.T + center + translation
-
-
 def border_taper(shape_zyx, width_voxels: int = 4) -> np.ndarray:
     """Weights (z, y, x) rising from 0 at the grid edge to 1 `width_voxels` inside (raised cosine).
 

@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from JointRegSegLib.evaluation.evaluate import _fmt  # noqa: E402  (the tables share one number format)
+
 METHODS = {"deepatlas": "configs/brain-t1-deepatlas.json", "deeprs": "configs/brain-t1-deeprs.json",
            "brbs": "configs/brain-t1-brbs.json", "pcreg-rt": "configs/brain-t1-pcreg-rt.json",
            "uresnet": "configs/brain-t1-uresnet.json"}
@@ -85,10 +87,6 @@ def evaluate_models(pairs_csv: Path, trained: dict, out: Path) -> list[dict]:
     return summarize(rows)
 
 
-def _fmt(value: float) -> str:
-    return "–" if value != value else f"{value:.3f}"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -131,9 +129,8 @@ def main(argv=None) -> int:
              "inference s/pair | parameters |", "|---|---|---|---|---|---|---|---|---|"]
     for e in table:
         params = f"{e['parameters']:,}" if e["parameters"] else "–"
-        train_s = "–" if e["train_seconds"] != e["train_seconds"] else f"{e['train_seconds']:.0f}"
         lines.append(f"| {e['labelled']} | {e['method']} | {e['registration_dice']:.3f} ± {e['registration_dice_sd']:.3f}"
-                     f" | {_fmt(e['segmentation_dice'])} | {e['hd95_mm']:.2f} | {e['folding_percent']:.4f} | {train_s} | "
+                     f" | {_fmt(e['segmentation_dice'])} | {e['hd95_mm']:.2f} | {e['folding_percent']:.4f} | {_fmt(e['train_seconds'], 0)} | "
                      f"{e['seconds']:.1f} | {params} |")
     text = "\n".join(lines) + "\n"
     (out / "METHODS.md").write_text(text, encoding="utf-8")

@@ -71,9 +71,10 @@ class Strategy:
         velocity = self.net.velocity(m, f)
         return self.net.displacement(velocity * scale, f.shape[2:])
 
-    def image_terms(self, moving: str, fixed: str, ddf) -> dict:
+    def image_terms(self, moving: str, fixed: str, ddf) -> tuple[torch.Tensor, dict]:
+        """The moving image warped by `ddf`, and that warp's similarity and smoothness terms."""
         warped = self.net.warp(self.data.images[moving], ddf)
-        return {"similarity": self.similarity(warped, self.data.images[fixed]), "smooth": self.smooth(ddf)}
+        return warped, {"similarity": self.similarity(warped, self.data.images[fixed]), "smooth": self.smooth(ddf)}
 
 
 class DeepAtlas(Strategy):
@@ -105,11 +106,17 @@ class DeepAtlas(Strategy):
 
     def registration(self, moving: str, fixed: str, use_predicted: bool) -> dict:
         ddf = self.field(moving, fixed)
-        terms = self.image_terms(moving, fixed, ddf)
+        _, terms = self.image_terms(moving, fixed, ddf)
         total = self.w["similarity"] * terms["similarity"] + self.w["smooth"] * terms["smooth"]
+        return self.with_anatomy(terms, total, moving, fixed, ddf, use_predicted)
+
+    def with_anatomy(self, terms: dict, total, moving: str, fixed: str, ddf, use_predicted: bool,
+                     seg_fixed=None) -> dict:
+        """Add w_anatomy * Dice(warped moving segmentation, fixed segmentation) where both exist;
+        `seg_fixed` passes one the caller already has."""
         if self.w["anatomy"]:
             seg_m = self.segmentation_or_label(moving, use_predicted)
-            seg_f = self.segmentation_or_label(fixed, use_predicted)
+            seg_f = seg_fixed if seg_fixed is not None else self.segmentation_or_label(fixed, use_predicted)
             if seg_m is not None and seg_f is not None:
                 terms["anatomy"] = self.dice(self.net.warp(seg_m, ddf), seg_f)
                 total = total + self.w["anatomy"] * terms["anatomy"]
@@ -206,13 +213,12 @@ class DeepRS(Strategy):
 
     def pretrain_registration(self, moving, fixed):
         ddf = self.field(moving, fixed)
-        terms = self.image_terms(moving, fixed, ddf)
+        _, terms = self.image_terms(moving, fixed, ddf)
         return {"loss": self.w["cc"] * terms["similarity"] + self.w["R"] * terms["smooth"], **terms}
 
     def registration(self, moving, fixed):
         ddf = self.field(moving, fixed)
-        terms = self.image_terms(moving, fixed, ddf)
-        warped = self.net.warp(self.data.images[moving], ddf)
+        warped, terms = self.image_terms(moving, fixed, ddf)
         fixed_image = self.data.images[fixed]
         terms["adversarial"] = -torch.log(self.discriminator(warped, fixed_image).clamp_min(1e-6)).mean()
         terms["drc"] = F.mse_loss(torch.softmax(self.net.segment(warped), 1),
@@ -354,10 +360,7 @@ class PCRegRT(DeepAtlas):
         self.similarity_map = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, reduction="none")
         self.floor = float(config.get("perception_floor", 0.1))
 
-    def perception(self, name: str, use_predicted: bool):
-        segmentation = self.segmentation_or_label(name, use_predicted)
-        if segmentation is None:
-            return None
+    def perception(self, segmentation: torch.Tensor) -> torch.Tensor:
         foreground = (1.0 - segmentation[:, :1]).clamp(0, 1)
         return self.floor + (1.0 - self.floor) * F.max_pool3d(foreground, 5, stride=1, padding=2)
 
@@ -365,15 +368,15 @@ class PCRegRT(DeepAtlas):
         ddf = self.field(moving, fixed)
         warped = self.net.warp(self.data.images[moving], ddf)
         local = self.similarity_map(warped, self.data.images[fixed])
-        weight = self.perception(fixed, use_predicted)
-        terms = {"similarity": local.mean() if weight is None else (local * weight).sum() / weight.sum(),
-                 "smooth": self.smooth(ddf)}
+        seg_f = self.segmentation_or_label(fixed, use_predicted)
+        if seg_f is None:
+            similarity = local.mean()
+        else:
+            weight = self.perception(seg_f)
+            similarity = (local * weight).sum() / weight.sum()
+        terms = {"similarity": similarity, "smooth": self.smooth(ddf)}
         total = self.w["similarity"] * terms["similarity"] + self.w["smooth"] * terms["smooth"]
-        seg_m, seg_f = self.segmentation_or_label(moving, use_predicted), self.segmentation_or_label(fixed, use_predicted)
-        if seg_m is not None and seg_f is not None and self.w["anatomy"]:
-            terms["anatomy"] = self.dice(self.net.warp(seg_m, ddf), seg_f)
-            total = total + self.w["anatomy"] * terms["anatomy"]
-        return {"loss": total, **terms}
+        return self.with_anatomy(terms, total, moving, fixed, ddf, use_predicted, seg_fixed=seg_f)
 
     def segmentation(self, labelled, other):
         data = self.data
