@@ -40,14 +40,24 @@ def make_grid(size: Sequence[int], spacing: Sequence[float], direction: np.ndarr
 
 
 def center_of_mass(image: sitk.Image) -> np.ndarray:
-    """Intensity-weighted centre of the voxels above the lowest value (the anatomy, not the field of view)."""
-    array = sitk.GetArrayViewFromImage(image).astype(np.float64)
-    weights = np.clip(array - array.min(), 0, None)
-    total = weights.sum()
+    """Intensity-weighted centre of the voxels above the lowest value (the anatomy, not the field of view).
+
+    Accumulated slab by slab, so a large volume needs no float64 copy of itself.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    low = float(array.min())
+    nz, ny, nx = array.shape
+    step = max(1, (8 * 1024 * 1024) // max(ny * nx, 1))
+    sums = [np.zeros(nz), np.zeros(ny), np.zeros(nx)]
+    for z0 in range(0, nz, step):
+        weights = np.clip(array[z0: z0 + step].astype(np.float64) - low, 0, None)
+        sums[0][z0: z0 + step] = weights.sum(axis=(1, 2))
+        sums[1] += weights.sum(axis=(0, 2))
+        sums[2] += weights.sum(axis=(0, 1))
+    total = sums[0].sum()
     if total <= 0:
         return physical_center(image)
-    index_zyx = [np.tensordot(weights.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(n), 1) / total
-                 for axis, n in enumerate(array.shape)]
+    index_zyx = [np.dot(s, np.arange(len(s))) / total for s in sums]
     return np.array(image.GetOrigin()) + index_to_physical_matrix(image) @ np.array(index_zyx[::-1])
 
 
@@ -157,3 +167,89 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: sitk.Image) -> np.nd
     return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])).astype(np.float32)
+
+
+# ---- storage order, transforms and slab-wise evaluation on large grids ----------------------------------
+
+def canonical_storage(image: sitk.Image) -> sitk.Image:
+    """The same physical image with its voxel axes permuted/flipped to the storage order closest to LPS.
+
+    Exact (no resampling). Steps that depend on the voxel order (shrinking, random metric samples) then
+    see the same array whatever order the file stored, so results do not depend on it.
+    """
+    try:
+        return sitk.DICOMOrient(image, "LPS")
+    except RuntimeError:  # not a 3D scalar/vector image DICOMOrient handles
+        return image
+
+
+def total_transform(working_displacement: sitk.Image | None, affine: sitk.Transform | None) -> sitk.Transform:
+    """x -> affine(x + d_working(x)) as one ITK transform (what `compose_to_fixed_grid` samples).
+
+    A CompositeTransform of the affine and the working-grid displacement field: compact (the field lives
+    on the small working grid) and exact; SimpleITK, ANTs and Slicer read it from an .h5 file.
+    """
+    transforms = []
+    if affine is not None:
+        transforms.append(sitk.AffineTransform(affine))
+    if working_displacement is not None:
+        transforms.append(sitk.DisplacementFieldTransform(sitk.Cast(working_displacement, sitk.sitkVectorFloat64)))
+    if not transforms:
+        return sitk.CompositeTransform([sitk.TranslationTransform(3)])
+    return sitk.CompositeTransform(transforms)
+
+
+def slab_ranges(reference: sitk.Image, bytes_per_voxel: int, budget_bytes: int = 64 * 1024 ** 2):
+    """(z0, z1) slice ranges of `reference` so that one slab of `bytes_per_voxel` data fits the budget."""
+    nx, ny, nz = reference.GetSize()
+    step = max(1, int(budget_bytes // max(nx * ny * bytes_per_voxel, 1)))
+    return [(z, min(z + step, nz)) for z in range(0, nz, step)]
+
+
+def _slab(reference: sitk.Image, z0: int, z1: int):
+    nx, ny, _ = reference.GetSize()
+    origin = reference.TransformIndexToPhysicalPoint((0, 0, int(z0)))
+    return (nx, ny, int(z1 - z0)), origin, reference.GetSpacing(), reference.GetDirection()
+
+
+def resample_in_slabs(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None, reduce,
+                      out_dtype, interpolator=sitk.sitkLinear, default: float = 0.0, pixel_type=None,
+                      budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
+    """reduce(array of a slab of `image` resampled onto `reference`) for every z-slab, stacked (z, y, x).
+
+    Keeps memory to one slab of the resampled image (e.g. a many-channel probability map) at a time.
+    """
+    pixel_type = image.GetPixelID() if pixel_type is None else pixel_type
+    per_voxel = image.GetNumberOfComponentsPerPixel() * 4
+    out = np.empty(reference.GetSize()[::-1], dtype=out_dtype)
+    for z0, z1 in slab_ranges(reference, per_voxel, budget_bytes):
+        size, origin, spacing, direction = _slab(reference, z0, z1)
+        slab = sitk.Resample(image, size, transform or sitk.Transform(), interpolator, origin, spacing, direction,
+                             default, pixel_type)
+        out[z0:z1] = reduce(slab)
+        del slab
+    return out
+
+
+def jacobian_determinant_of_transform(transform: sitk.Transform, reference: sitk.Image,
+                                      budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
+    """det J (float32, z, y, x) of `transform` sampled on `reference`, one z-slab (plus a 1-slice halo) at a
+    time: equal to `jacobian_determinant` of the whole sampled field, at a fraction of its memory."""
+    nz = reference.GetSize()[2]
+    det = np.empty(reference.GetSize()[::-1], dtype=np.float32)
+    for z0, z1 in slab_ranges(reference, 8 * 3 * 5, budget_bytes):
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
+        size, origin, spacing, direction = _slab(reference, lo, hi)
+        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, origin, spacing,
+                                                  direction)
+        slab_grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        slab_grid.SetSpacing(spacing)
+        slab_grid.SetDirection(direction)
+        det[z0:z1] = jacobian_determinant(sitk.GetArrayViewFromImage(field), slab_grid)[z0 - lo: z0 - lo + z1 - z0]
+    return det
+
+
+def displacement_on(transform: sitk.Transform, reference: sitk.Image, pixel_type=sitk.sitkVectorFloat64):
+    """The transform sampled as a displacement field (mm) on `reference`'s grid (ITK, multi-threaded)."""
+    return sitk.TransformToDisplacementField(transform, pixel_type, reference.GetSize(), reference.GetOrigin(),
+                                             reference.GetSpacing(), reference.GetDirection())

@@ -51,28 +51,68 @@ def write_slicer_segmentation(labels: sitk.Image, label_table: list, path: str |
     sitk.WriteImage(image, str(path), True)
 
 
-def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = None) -> dict[str, Path]:
-    """Write every output of `result` into `out_dir`; on any failure nothing new appears there."""
+# what `--report` adds; every name here and in OUTPUT_FILES is "a known output" that --overwrite replaces
+REPORT_FILES = {"report": "report.md", "picture": "qc_overview.png"}
+
+
+def known_outputs() -> set[str]:
+    return set(OUTPUT_FILES.values()) | set(REPORT_FILES.values())
+
+
+def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = None, report_fixed=None,
+                 replace: bool = False, progress=None) -> dict[str, Path]:
+    """Write every output of `result` into `out_dir`; on any failure nothing new appears there.
+
+    `report_fixed`: the fixed image, to also write the QC report (report.md, qc_overview.png) in the same
+    all-or-nothing step. `replace`: outputs of an earlier run in `out_dir` that this one does not write
+    (an old report) are removed, so old and new outputs never mix.
+
+    transform.h5 is an ITK composite transform (the affine + the displacement field on the model's working
+    grid): exact, a few MB whatever the fixed image's size. displacement_field.nii.gz is the same transform
+    sampled on the fixed grid as float32 vectors (mm), gzip-compressed.
+    """
     out_dir = Path(out_dir)
     written = {}
-    with staged_output_dir(out_dir) as staging:
+    steps = 8 + (report_fixed is not None)
+
+    def step(index):
+        if progress is not None:
+            progress("write outputs", index / steps)
+
+    with staged_output_dir(out_dir, replace=known_outputs() if replace else None) as staging:
         def target(key):
             written[key] = out_dir / OUTPUT_FILES[key]
             return str(staging / OUTPUT_FILES[key])
 
+        step(0)
         sitk.WriteImage(result.warped, target("warped"), True)
-        composite = sitk.CompositeTransform([result.transform])
-        sitk.WriteTransform(composite, target("transform"))
-        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), target("displacement"), True)
+        transform = result.transform
+        sitk.WriteTransform(transform, target("transform"))
+        step(1)
+        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
+                                                  result.warped.GetOrigin(), result.warped.GetSpacing(),
+                                                  result.warped.GetDirection())
+        sitk.WriteImage(field, target("displacement"), True)
+        del field
+        step(3)
         sitk.WriteImage(result.fixed_segmentation, target("fixed_segmentation"), True)
         sitk.WriteImage(result.moving_segmentation, target("moving_segmentation"), True)
         sitk.WriteImage(result.warped_moving_segmentation, target("warped_moving_segmentation"), True)
+        step(5)
         write_slicer_segmentation(result.fixed_segmentation, result.label_table, target("fixed_seg_nrrd"))
         write_slicer_segmentation(result.moving_segmentation, result.label_table, target("moving_seg_nrrd"))
+        step(6)
         sitk.WriteImage(result.jacobian_determinant, target("jacobian"), True)
         qc = {**result.qc, "label_table": result.label_table, **(extra_qc or {})}
         with open(target("qc"), "w", encoding="utf-8") as handle:
             json.dump(_jsonable(qc), handle, indent=2)
+        step(7)
+        if report_fixed is not None:
+            from .report import write_report
+            write_report(result, report_fixed, staging)
+            written["report"] = out_dir / REPORT_FILES["report"]
+            written["picture"] = out_dir / REPORT_FILES["picture"]
+        step(steps)
     return written
 
 

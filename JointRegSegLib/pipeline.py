@@ -14,13 +14,14 @@ import torch
 from .affine import affine_prealign
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
-from .geometry import (border_taper, compose_to_fixed_grid, displacement_image, resample, to_tensor, voxel_ddf_to_mm,
-                       working_grid)
+from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
+                       jacobian_determinant_of_transform, resample, resample_in_slabs, to_tensor, total_transform,
+                       voxel_ddf_to_mm, working_grid)
 from .errors import InputImageError
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
 from .progress import Reporter
-from .qc import jacobian_stats, label_volumes_ml
+from .qc import determinant_stats, label_volumes_ml
 from .refine import refine_velocity
 
 
@@ -28,8 +29,7 @@ from .refine import refine_velocity
 class Result:
     """Everything in LPS physical space; on the fixed grid unless the name says moving."""
 
-    displacement: sitk.Image            # total displacement (mm, float64 vectors): fixed x -> moving x + u(x)
-    affine: sitk.AffineTransform | None  # the pre-alignment already composed into `displacement`
+    affine: sitk.AffineTransform | None  # the pre-alignment, composed into `transform` and `displacement`
     warped: sitk.Image                  # moving resampled onto the fixed grid by `transform`
     fixed_segmentation: sitk.Image
     moving_segmentation: sitk.Image     # on the moving grid
@@ -37,11 +37,22 @@ class Result:
     jacobian_determinant: sitk.Image
     label_table: list
     qc: dict = field(default_factory=dict)
+    working_displacement: sitk.Image | None = None  # the deformable part (mm, float64) on the working grid
+    _displacement: sitk.Image | None = field(default=None, repr=False, compare=False)
 
     @property
-    def transform(self) -> sitk.DisplacementFieldTransform:
-        """A fresh transform each call (SimpleITK's constructor takes over the image it is given)."""
-        return sitk.DisplacementFieldTransform(sitk.Image(self.displacement))
+    def transform(self) -> sitk.CompositeTransform:
+        """x -> affine(x + d_working(x)): the affine and the working-grid field as one ITK composite
+        transform (compact: its size does not grow with the fixed image). A fresh one each call."""
+        return total_transform(self.working_displacement, self.affine)
+
+    @property
+    def displacement(self) -> sitk.Image:
+        """Total displacement (mm, float64 vectors) on the fixed grid, fixed x -> moving x + u(x); sampled
+        from `transform` on first use (24 bytes per fixed voxel: large volumes use `transform` instead)."""
+        if self._displacement is None:
+            self._displacement = displacement_on(self.transform, self.warped)
+        return self._displacement
 
 
 def _as_model(model, device) -> JointRegSegModel:
@@ -71,12 +82,15 @@ def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) 
     probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
     prob_image = sitk.GetImageFromArray(probs, isVector=True)
     prob_image.CopyInformation(logits_image)
-    on_ref = resample(prob_image, reference, transform, pixel_type=sitk.sitkVectorFloat32)
-    # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the view is read-only; nothing writes to it
-        view = torch.from_numpy(sitk.GetArrayViewFromImage(on_ref))
-    return view.argmax(dim=-1).to(torch.uint8).numpy()
+
+    def argmax(on_ref):
+        # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the view is read-only; nothing writes to it
+            view = torch.from_numpy(sitk.GetArrayViewFromImage(on_ref))
+        return view.argmax(dim=-1).to(torch.uint8).numpy()
+    # slab by slab: the class probabilities on a large reference grid would take 4 bytes x classes per voxel
+    return resample_in_slabs(prob_image, reference, transform, argmax, np.uint8, pixel_type=sitk.sitkVectorFloat32)
 
 
 def _guide_on(labels: sitk.Image, grid: sitk.Image, transform, role: str, label_table: list) -> torch.Tensor:
@@ -126,7 +140,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     affine_tx = None
     if affine:
         with reporter.stage("affine pre-alignment") as stage:
-            affine_tx = affine_prealign(moving, fixed, on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
+            # on canonically ordered copies: the result must not depend on how the files store their axes
+            affine_tx = affine_prealign(canonical_storage(moving), canonical_storage(fixed),
+                                        on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
     with reporter.stage("resample to working grid"):
         grid = working_grid(fixed, card)
         fixed_w = resample(fixed, grid, default=_background(fixed))
@@ -167,10 +183,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     with reporter.stage("compose transform"):
         working_mm = voxel_ddf_to_mm(ddf_voxels, grid) * border_taper(ddf_voxels.shape[1:])[..., None]
         working_disp = displacement_image(working_mm, grid)
-        total_mm = compose_to_fixed_grid(working_disp, affine_tx, fixed)
-        displacement = displacement_image(total_mm, fixed)
+        # one compact transform (affine + working-grid field); never a float64 field on a large fixed grid
+        transform = total_transform(working_disp, affine_tx)
     with reporter.stage("warp moving"):
-        transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
         warped = resample(moving, fixed, transform, default=_background(moving))
     with reporter.stage("segmentations"):
         lut = _class_values(model.label_table)
@@ -185,8 +200,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         moving_seg = label_image_like(moving_labels, moving)
         warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)
     with reporter.stage("quality control"):
-        jac, det = jacobian_stats(total_mm, fixed)
-        det_image = sitk.GetImageFromArray(det.astype(np.float32))
+        det = jacobian_determinant_of_transform(transform, fixed)
+        jac = determinant_stats(det)
+        det_image = sitk.GetImageFromArray(det)
         det_image.CopyInformation(fixed)
         qc = {
             **jac,
@@ -197,6 +213,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "affine_prealignment": affine,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
+            "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,
             "refine_iterations": int(refine_iterations),
             "refine_similarity": similarity if refine_iterations else None,
             "working_grid": {"size": list(grid.GetSize()), "spacing": list(grid.GetSpacing())},
@@ -204,6 +221,6 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         }
     qc["timing_s"] = dict(reporter.timings)
     qc["timing_s"]["total"] = round(time.perf_counter() - started, 4)
-    return Result(displacement=displacement, affine=affine_tx, warped=warped, fixed_segmentation=fixed_seg,
+    return Result(working_displacement=working_disp, affine=affine_tx, warped=warped, fixed_segmentation=fixed_seg,
                   moving_segmentation=moving_seg, warped_moving_segmentation=warped_seg,
                   jacobian_determinant=det_image, label_table=copy.deepcopy(model.label_table), qc=qc)

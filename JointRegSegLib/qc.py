@@ -10,16 +10,27 @@ from .geometry import jacobian_determinant
 def jacobian_stats(displacement_mm: np.ndarray, grid: sitk.Image, mask: np.ndarray | None = None) -> dict:
     """Folding (% voxels with det J <= 0) and the spread of det J, over `mask` if given."""
     det = jacobian_determinant(displacement_mm, grid)
+    return determinant_stats(det, mask), det
+
+
+def determinant_stats(det: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """Folding % and det J spread from a Jacobian determinant map (over `mask` if given and not empty)."""
     values = det[mask] if mask is not None else det.ravel()
     if values.size == 0:
         values = det.ravel()
     p1, p50, p99 = np.percentile(values, [1, 50, 99])
+    step = 1 << 22
+    log_sum = log_sq = 0.0
+    for start in range(0, values.size, step):  # in chunks: no float64 copy of a large map
+        logs = np.log(np.clip(values[start: start + step], 1e-6, None), dtype=np.float64)
+        log_sum, log_sq = log_sum + float(logs.sum()), log_sq + float(np.square(logs).sum())
+    mean_log = log_sum / values.size
     return {
         "folding_percent": float(100.0 * np.count_nonzero(values <= 0) / values.size),
         "jacobian_min": float(values.min()), "jacobian_p1": float(p1), "jacobian_median": float(p50),
         "jacobian_p99": float(p99), "jacobian_max": float(values.max()),
-        "jacobian_std_log": float(np.std(np.log(np.clip(values, 1e-6, None)))),
-    }, det
+        "jacobian_std_log": float(np.sqrt(max(log_sq / values.size - mean_log ** 2, 0.0))),
+    }
 
 
 def label_volumes_ml(labels: np.ndarray, spacing, label_table: list[dict]) -> dict:
