@@ -117,7 +117,10 @@ class UReSNet(nn.Module):
     decoder, under 40k parameters. The elastic part is a stationary velocity integrated by scaling and
     squaring (the paper integrates spatial gradients; the SVF keeps it diffeomorphic); the output
     transform samples the moving image at A(x + u(x)), the paper's W(M, Phi x A), and is returned as one
-    dense displacement so refinement, QC and export treat it like every other model's.
+    dense displacement so refinement, QC and export treat it like every other model's: at full resolution,
+    exactly the transform the training loss saw. Heads: the affine head is linear (identity at start),
+    the velocity head linear (the paper's sigmoid bounds the grid gradients of its own parameterisation),
+    the segmentation head's sigmoid is applied by the training loss (the arg-max at inference is the same).
     """
 
     def __init__(self, architecture: dict, num_classes: int):
@@ -136,7 +139,7 @@ class UReSNet(nn.Module):
                                           "head": nn.Conv3d(c1, num_classes, 3, padding=1)})
         downsample = architecture.get("velocity_downsample", 2)
         self.integrator = VelocityIntegrator(architecture.get("integration_steps", 7), downsample)
-        self.output = VelocityIntegrator(0, downsample)
+        self.output = VelocityIntegrator(0, 1)  # the composed displacement passes through unchanged
         self.warp = Warp(mode="bilinear", padding_mode="border")
         self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
 
@@ -171,7 +174,7 @@ class UReSNet(nn.Module):
         return sampled - grid
 
     def velocity(self, moving, fixed):
-        """For this architecture the 'velocity' handed to refinement is the whole displacement, reduced."""
+        """For this architecture the 'velocity' handed to refinement is the whole composed displacement."""
         elastic_ddf, matrix = self.elastic_and_affine(moving, fixed)
         return self.output.reduce(self.compose(elastic_ddf, matrix))
 

@@ -19,8 +19,9 @@ class BRBS(Strategy):
       (1/3), in random order.
     - KCC, registration update on a pair (A, B), the network run both ways: phi = R(A, B), psi = R(B, A).
       similarity(A o phi, B) + similarity(B o psi, A) + w_smooth * (diffusion(phi) + diffusion(psi))
-      + BiC: w_inverse * MSE(psi, -(phi o phi)) (psi must be phi's inverse, to first order, as the
-      reference's inverse loss) + SeC: w_sec * [Dice(S_A o phi, S_B) + Dice(S_B o psi, S_A)], manual
+      + BiC: w_inverse * MSE(w, -(u o psi)) with u, w the displacements of phi, psi (psi must be phi's
+      inverse; the reference compares w with -(u o phi), the same condition to first order, which is
+      not zero for an exact inverse pair) + SeC: w_sec * [Dice(S_A o phi, S_B) + Dice(S_B o psi, S_A)], manual
       labels where present and the segmentation net's (detached) prediction otherwise, also for two
       unlabelled images. Weights as the reference: similarity 1, smooth 1, inverse 0.1, SeC 100.
     - S3P (space-style sampling), segmentation update: a labelled image L, two other images U1 (style)
@@ -74,9 +75,9 @@ class BRBS(Strategy):
             return torch.softmax(self.net.segment(self.data.images[name]), dim=1)
 
     def inverse_consistency(self, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
-        """MSE between the backward displacement and the first-order inverse of the forward one,
-        -(phi o phi): zero when the two maps undo each other (to first order)."""
-        return F.mse_loss(backward, -self.net.warp(forward, forward))
+        """MSE between the backward displacement w and -u o psi (u the forward one, psi = id + w):
+        w = -u(x + w(x)) holds exactly when phi o psi is the identity, so this is zero for true inverses."""
+        return F.mse_loss(backward, -self.net.warp(forward, backward))
 
     def registration(self, a: str, b: str, use_predicted: bool) -> dict:
         image_a, image_b = self.data.images[a], self.data.images[b]

@@ -11,12 +11,15 @@ from .base import Strategy, soft_cross_entropy
 
 
 class PixelDiscriminator(nn.Module):
-    """DeepRS's pixel-wise discriminator: (image, fixed) -> per-voxel probability that they are aligned."""
+    """DeepRS's pixel-wise discriminator: (image, fixed) -> per-voxel probability that they are aligned.
+    No normalisation layers by default: real and fake pairs go through one at a time, and normalising
+    each volume by its own statistics erases the cue that separates them (how far the image departs from
+    the fixed one), which left the discriminator at chance (loss ln 4)."""
 
     def __init__(self, spec: dict):
         super().__init__()
         self.net = UNet(spatial_dims=3, in_channels=2, out_channels=1, channels=tuple(spec["channels"]),
-                        strides=tuple(spec["strides"]), act="LEAKYRELU", norm=spec.get("norm", "BATCH"))
+                        strides=tuple(spec["strides"]), act="LEAKYRELU", norm=spec.get("norm"))
 
     def logits(self, image: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([image, fixed], dim=1))
@@ -50,8 +53,10 @@ class DeepRS(Strategy):
     diffeomorphic; at alpha = 0 and 1 the two agree); Adam for registration (the paper used RMSprop;
     Adam trained faster here); pretraining of registration (LNCC + diffusion) and of segmentation (L_ce on
     DSS samples) before the joint phase, where each step updates D, registration and segmentation once;
-    the discriminator is a small 3D U-Net with batch normalisation (the paper's is a 3D U-Net too; with
-    instance normalisation on single-volume batches it stayed at chance, loss ln 4).
+    the discriminator is a small 3D U-Net (as the paper's) without normalisation layers: with instance
+    normalisation of single-volume batches it stayed at chance (loss ln 4, confidence 0.5 everywhere), so
+    ACM weighted nothing. Where real and fake inputs are identical (background both images share) no
+    discriminator can do better than chance, so its loss stays above 0 even when it works.
     """
 
     name = "deeprs"
