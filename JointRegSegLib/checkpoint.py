@@ -83,9 +83,22 @@ def save_model(model: JointRegSegModel, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> JointRegSegModel:
+UNSIGNED_HINT = ("pass --trust-unsigned (trust_unsigned=True in Python) only for a file from a source you trust, "
+                 "or re-save it with JointRegSeg (save_model adds the checksum)")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               trust_unsigned: bool = False) -> JointRegSegModel:
+    """Load a checkpoint; its weights must match the SHA-256 in its model card.
+
+    A card without a checksum (weights that cannot be verified, e.g. edited and the checksum deleted) is
+    refused unless `trust_unsigned`.
+    """
     path = Path(path)
     card = read_card(path)
+    if not card.get("weights_sha256") and not trust_unsigned:
+        raise CheckpointError(f"{path}: the model card has no weights checksum (weights_sha256), so its weights "
+                              f"cannot be verified and may have been modified; {UNSIGNED_HINT}")
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:

@@ -3,17 +3,66 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 
-from .errors import JointRegSegError
+from .errors import Cancelled, JointRegSegError
+
+DESCRIPTION = """\
+JointRegSeg: deep joint registration and segmentation of 3D medical volumes.
+
+Register a moving volume onto a fixed one and segment both with a trained model (the embedded
+brain T1 model unless --model says otherwise); outputs are one ITK transform, the warped volume,
+segmentations, a Jacobian map and QC numbers, all written at once (a failed run writes nothing).
+
+  jointregseg run --moving M.nii.gz --fixed F.nrrd --out DIR [--report]
+  jointregseg info MODEL.safetensors
+
+Run `jointregseg COMMAND --help` for a command's options and their defaults. Exit codes:
+0 done, 2 bad input or options (the message names the problem), 130 cancelled (Ctrl-C, SIGTERM)."""
+
+RUN_EPILOG = """\
+outputs in DIR: warped_moving.nii.gz, transform.h5 (ITK composite: the affine and the displacement on
+the model's working grid; SimpleITK, ANTs and Slicer read it), displacement_field.nii.gz (the same on
+the fixed grid, float32 mm), fixed/moving/warped segmentations (.nii.gz, .seg.nrrd),
+jacobian_determinant.nii.gz, qc.json; with --report also report.md and qc_overview.png."""
 
 
-def _cmd_run(args) -> int:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show each option's default (options without one say what happens instead); keep line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" not in text and "default:" not in text and action.default is not None and action.default is not False \
+                and action.default is not argparse.SUPPRESS and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of iterations, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
+def read_run_inputs(args) -> tuple:
+    """(moving, fixed, guide labels or None) read from the paths `run` (and each `batch` pair) names."""
     from .imageio import read_image
-    from .outputs import write_result
-    from .pipeline import register_and_segment
-    from .progress import stderr_progress
     moving = read_image(args.moving, "moving")
     fixed = read_image(args.fixed, "fixed")
     guide = None
@@ -22,21 +71,103 @@ def _cmd_run(args) -> int:
     if args.guide_moving_labels:
         guide = (read_image(args.guide_moving_labels, "moving guidance labels"),
                  read_image(args.guide_fixed_labels, "fixed guidance labels"))
-    result = register_and_segment(moving, fixed, args.model, device=args.device, affine=not args.no_affine,
+    return moving, fixed, guide
+
+
+def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) -> tuple:
+    """`run` on images already read: register, segment, write every output to args.out; (result, written).
+
+    `model` is a checkpoint path or a loaded model (`batch` loads it once for all pairs).
+    """
+    from .outputs import write_result
+    from .pipeline import register_and_segment
+    result = register_and_segment(moving, fixed, model, device=args.device, affine=not args.no_affine,
                                   refine_iterations=args.refine, refine_similarity=args.similarity,
-                                  guide_labels=guide, progress=stderr_progress)
+                                  guide_labels=guide, progress=progress)
     written = write_result(result, args.out, extra_qc={"inputs": {"moving": str(args.moving),
                                                                   "fixed": str(args.fixed),
-                                                                  "model": str(args.model)}})
-    if args.report:
-        from .report import write_report
-        written["report"] = write_report(result, fixed, args.out)
+                                                                  "model": str(args.model)}, **(extra_qc or {})},
+                           report_fixed=fixed if args.report else None,
+                           replace=bool(getattr(args, "overwrite", False)), progress=progress)
+    return result, written
+
+
+def validate_run_options(args) -> None:
+    """Option combinations that cannot do what they say; raises JointRegSegError before any work."""
+    guided = bool(args.guide_moving_labels or args.guide_fixed_labels)
+    if args.similarity and args.refine == 0 and not guided:
+        raise JointRegSegError(f"--similarity {args.similarity} only applies to test-time refinement; "
+                               "add --refine N (N > 0) or drop --similarity")
+
+
+def check_run_resources(args) -> None:
+    """Before reading any voxel: the output folder is usable and the run fits in memory."""
+    from .card import read_card
+    from .imageio import check_memory, check_output_dir, estimate_run_memory_bytes, read_image_information
+    check_output_dir(args.out, overwrite=bool(getattr(args, "overwrite", False)), known=_known_outputs())
+    fixed = read_image_information(args.fixed, "fixed")
+    moving = read_image_information(args.moving, "moving")
+    if fixed and moving:
+        card = read_card(args.model) if not hasattr(args.model, "card") else args.model.card
+        working = 1
+        for n in card["working_grid"]["size"]:
+            working *= int(n)
+        classes = max(int(e["value"]) for e in card["labels"]) + 1
+        voxels = [1, 1]
+        for i, info in enumerate((fixed, moving)):
+            for n in info["size"][:3]:
+                voxels[i] *= int(n)
+        needed = estimate_run_memory_bytes(voxels[0], voxels[1], working, classes)
+        limit = None if args.max_memory is None else int(args.max_memory * 1024 ** 3)
+        check_memory(needed, limit, f"registering a {'x'.join(map(str, fixed['size']))} fixed volume")
+
+
+def _known_outputs():
+    from .outputs import known_outputs
+    return known_outputs()
+
+
+def check_overlap(moving, fixed) -> None:
+    """--no-affine: the images must share physical space, or the network sees nothing to align."""
+    from .geometry import field_of_view_overlap
+    if field_of_view_overlap(moving, fixed) <= 0:
+        raise JointRegSegError("--no-affine: the moving and fixed volumes do not overlap in physical space "
+                               "(their fields of view are disjoint), so the result would be empty; drop "
+                               "--no-affine (the affine pre-alignment brings them together) or fix the origins")
+
+
+def _cmd_run(args) -> int:
+    from . import import_monai_lean
+    from .progress import stderr_progress
+    from .threads import configure_threads
+    validate_run_options(args)
+    check_run_resources(args)
+    configure_threads(args.threads, warmup=import_monai_lean)  # before anything imports MONAI (checkpoint)
+    if not hasattr(args.model, "card"):
+        from .checkpoint import load_model
+        args.model = _Loaded(load_model(args.model, "cpu", trust_unsigned=args.trust_unsigned), args.model)
+    moving, fixed, guide = read_run_inputs(args)
+    if args.no_affine:
+        check_overlap(moving, fixed)
+    result, written = run_and_write(args, moving, fixed, guide, model=args.model.model, progress=stderr_progress)
     qc = result.qc
     print(f"folding {qc['folding_percent']:.4f}%  det J [{qc['jacobian_min']:.3f}, {qc['jacobian_max']:.3f}]  "
           f"time {qc['timing_s']['total']:.1f} s on {qc['device']}")
+    for flag in qc.get("volume_flags", []):
+        print(f"warning: {flag}")
     for key, path in written.items():
         print(f"{key}: {path}")
     return 0
+
+
+class _Loaded:
+    """A model loaded once by `run` (after the checksum check), printed as its path."""
+
+    def __init__(self, model, path):
+        self.model, self.card, self.path = model, model.card, path
+
+    def __str__(self):
+        return str(self.path)
 
 
 def _cmd_info(args) -> int:
@@ -51,33 +182,58 @@ def _cmd_info(args) -> int:
     grid = card["working_grid"]
     print(f"  working grid: {grid['size']} voxels at {grid['spacing']} mm")
     print("  labels: " + ", ".join(f"{e['value']}={e['name']}" for e in card["labels"] if e["value"]))
+    if card.get("weights_sha256"):
+        print(f"  weights checksum: sha256 {card['weights_sha256'][:16]}... (verified when the model loads)")
+    else:
+        print("  weights checksum: MISSING - an unsigned checkpoint whose weights cannot be verified; "
+              "`run` refuses it unless --trust-unsigned")
     for key in ("training", "data", "metrics"):
         if key in card:
             print(f"  {key}: {json.dumps(card[key])}")
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+    return f"jointregseg {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jointregseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="register moving onto fixed and segment both")
+    parser = argparse.ArgumentParser(prog="jointregseg", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="register moving onto fixed and segment both", formatter_class=_HelpFormatter,
+                         description="Register the moving volume onto the fixed one and segment both.",
+                         epilog=RUN_EPILOG)
     run.add_argument("--moving", required=True, help="moving volume (any SimpleITK format or a DICOM folder)")
-    run.add_argument("--fixed", required=True, help="fixed volume")
-    run.add_argument("--model", default=None, help="checkpoint (.safetensors); default: the embedded model")
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement iterations")
-    run.add_argument("--similarity", choices=["lncc", "mi"], default=None, help="refinement similarity")
+    run.add_argument("--fixed", required=True, help="fixed volume (the outputs live on its grid)")
+    run.add_argument("--model", default=None, help="checkpoint (.safetensors) (default: the embedded brain T1 model)")
+    run.add_argument("--out", required=True, help="output folder (must be empty or new unless --overwrite)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run's outputs in --out (every known output file is removed or "
+                          "rewritten; other files are left alone)")
+    run.add_argument("--refine", type=_non_negative_int, default=0, metavar="N",
+                     help="test-time refinement iterations (0: network only; 50 with guide labels)")
+    run.add_argument("--similarity", choices=["lncc", "mi"], default=None,
+                     help="refinement similarity, needs --refine N > 0 (default: the model card's, lncc)")
     run.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     run.add_argument("--guide-moving-labels", default=None, metavar="LABELS",
                      help="corrected label map of the moving image: refinement also aligns it (with the next)")
     run.add_argument("--guide-fixed-labels", default=None, metavar="LABELS",
                      help="corrected label map of the fixed image (values from the model's label table)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    run.add_argument("--report", action="store_true", help="also write a QC report with overlay pictures")
+    run.add_argument("--report", action="store_true", help="also write a QC report (report.md, qc_overview.png)")
+    run.add_argument("--trust-unsigned", action="store_true",
+                     help="load a checkpoint whose model card has no weights checksum (only from a trusted source)")
+    run.add_argument("--max-memory", type=_positive_float, default=None, metavar="GB",
+                     help="refuse up front if the run is estimated to need more (default: the memory available now)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores; README: Cohorts)")
     run.set_defaults(func=_cmd_run)
-    info = sub.add_parser("info", help="print a checkpoint's model card")
-    info.add_argument("checkpoint")
-    info.add_argument("--json", action="store_true")
+    info = sub.add_parser("info", help="print a checkpoint's model card", formatter_class=_HelpFormatter,
+                          description="Print a checkpoint's model card (without loading its weights).")
+    info.add_argument("checkpoint", help="a .safetensors checkpoint")
+    info.add_argument("--json", action="store_true", help="print the whole card as JSON")
     info.set_defaults(func=_cmd_info)
     for register in _extra_commands():
         register(sub)
@@ -87,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Sub-commands living in their own modules (training, data), added when present."""
     registrars = []
-    for module_name in ("training.cli", "data.cli", "evaluation.cli"):
+    for module_name in ("training.cli", "data.cli", "evaluation.cli", "batch"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as err:
@@ -98,22 +254,55 @@ def _extra_commands():
     return registrars
 
 
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind (staged outputs are removed on the way) and exit 130."""
+
+
+_STOP = {"signal": None}
+
+
+def _on_signal(signum, _frame):
+    _STOP["signal"] = signum
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread (e.g. called from a test runner thread)
+            pass
+    return previous
+
+
 def main(argv=None) -> int:
+    _STOP["signal"] = None
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "model", "unset") is None:
-        from .models import default_model_path
-        args.model = default_model_path()
+    previous = _install_signal_handlers()
     warnings.filterwarnings("ignore", message=".*native grid_sample.*")
     warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     try:
+        if getattr(args, "model", "unset") is None:
+            from .models import default_model_path
+            args.model = default_model_path()
         return args.func(args)
+    except (KeyboardInterrupt, Cancelled):
+        print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+        return 130
     except JointRegSegError as err:
         print(f"jointregseg: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("jointregseg: cancelled", file=sys.stderr)
-        return 130
+    except RuntimeError:
+        # a signal raised inside a SimpleITK callback comes back wrapped in a RuntimeError
+        if _STOP["signal"] is not None:
+            print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

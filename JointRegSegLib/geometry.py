@@ -253,3 +253,19 @@ def displacement_on(transform: sitk.Transform, reference: sitk.Image, pixel_type
     """The transform sampled as a displacement field (mm) on `reference`'s grid (ITK, multi-threaded)."""
     return sitk.TransformToDisplacementField(transform, pixel_type, reference.GetSize(), reference.GetOrigin(),
                                              reference.GetSpacing(), reference.GetDirection())
+
+
+def physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) corners (mm, LPS) of the axis-aligned box around the image's field of view."""
+    size = np.array(image.GetSize(), dtype=np.float64)
+    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                        for k in (-0.5, size[2] - 0.5)])
+    points = corners @ index_to_physical_matrix(image).T + np.array(image.GetOrigin())
+    return points.min(axis=0), points.max(axis=0)
+
+
+def field_of_view_overlap(moving: sitk.Image, fixed: sitk.Image) -> float:
+    """Fraction of the fixed field of view's box that the moving one's box covers (0: disjoint)."""
+    (m_low, m_high), (f_low, f_high) = physical_box(moving), physical_box(fixed)
+    overlap = np.clip(np.minimum(m_high, f_high) - np.maximum(m_low, f_low), 0, None)
+    return float(np.prod(overlap) / max(np.prod(f_high - f_low), 1e-12))

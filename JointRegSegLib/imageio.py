@@ -373,7 +373,8 @@ def staged_output_dir(out_dir: str | os.PathLike, replace: set | list | tuple | 
             for item in sorted(staging.iterdir()):
                 os.replace(item, out_dir / item.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with _signals_held():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from .errors import InputImageError
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
 from .progress import Reporter
-from .qc import determinant_stats, label_volumes_ml
+from .qc import determinant_stats, label_volumes_ml, volume_flags
 from .refine import refine_velocity
 
 
@@ -219,6 +219,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "working_grid": {"size": list(grid.GetSize()), "spacing": list(grid.GetSpacing())},
             "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()),
         }
+        qc["volume_flags"] = volume_flags(qc["fixed_volumes_ml"], qc["moving_volumes_ml"], fixed, moving,
+                                          model.label_table)
     qc["timing_s"] = dict(reporter.timings)
     qc["timing_s"]["total"] = round(time.perf_counter() - started, 4)
     return Result(working_displacement=working_disp, affine=affine_tx, warped=warped, fixed_segmentation=fixed_seg,

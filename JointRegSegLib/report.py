@@ -1,4 +1,10 @@
-"""A QC report a person can open: overlay pictures (PNG) and a markdown summary of the QC numbers."""
+"""A QC report a person can open: an overview picture (PNG) and a markdown summary of the QC numbers.
+
+The picture follows the radiological convention, stated on it: patient's right on the image's left, superior
+at the top of coronal and sagittal views, anterior at the top of axial views (anterior on the left of sagittal
+views). Every panel is resampled from physical space onto a display plane through the fixed anatomy, so the
+picture does not depend on how the files store their axes, and all panels have the same size.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,82 +12,213 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .geometry import center_of_mass, physical_box
 
-def _slices(array: np.ndarray):
-    z, y, x = (n // 2 for n in array.shape)
-    return [array[z], array[:, y], array[:, :, x]]
+DPI = 150
+CONVENTION = "radiological convention: patient's right (R) on the image's left; superior (S) up"
+# display plane -> (physical direction of image columns, physical direction of image rows), LPS;
+# rows run top to bottom, so "row direction -z" puts superior at the top.
+VIEWS = {
+    "axial": (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])),      # columns R->L, rows A->P
+    "coronal": (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0])),   # columns R->L, rows S->I
+    "sagittal": (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])),  # columns A->P, rows S->I
+}
+# letters at (left, right, top, bottom) edges of each view
+MARKERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
 
 
-def _overlay_rgb(labels: np.ndarray, label_table: list) -> np.ndarray:
-    lut = np.zeros((max(e["value"] for e in label_table) + 1, 4))
-    for entry in label_table:
-        if entry["value"]:
-            lut[entry["value"]] = [*entry["color"], 0.45]
-    return lut[labels]
+def display_plane(image: sitk.Image, view: str, center, pixel_mm: float, shape: tuple[int, int]) -> sitk.Image:
+    """An empty one-slice grid through `center` whose index axes (column, row) run along the view's display
+    directions: resampling onto it gives the slice as a person reads it (array[row, column])."""
+    columns, rows = VIEWS[view]
+    normal = np.cross(columns, rows)
+    direction = np.stack([columns, rows, normal], axis=1)  # columns of the matrix: index axes in LPS
+    plane = sitk.Image([int(shape[1]), int(shape[0]), 1], sitk.sitkUInt8)
+    plane.SetSpacing([float(pixel_mm)] * 3)
+    plane.SetDirection([float(v) for v in direction.ravel()])
+    half = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0, 0.0]) * pixel_mm
+    plane.SetOrigin([float(v) for v in np.asarray(center, dtype=float) - direction @ half])
+    return plane
 
 
-def write_report(result, fixed: sitk.Image, out_dir) -> Path:
-    """qc_overview.png (fixed, warped, overlays, det J) and report.md in `out_dir`; returns the .md path."""
+def display_slice(image: sitk.Image, plane: sitk.Image, interpolator=sitk.sitkLinear, default=0.0) -> np.ndarray:
+    """`image` (any orientation, any storage order) sampled on a display plane: a 2D array, row 0 at the top."""
+    pixel = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
+    if interpolator == sitk.sitkNearestNeighbor:
+        pixel = image.GetPixelID()
+    sampled = sitk.Resample(image, plane, sitk.Transform(), interpolator, default, pixel)
+    return sitk.GetArrayFromImage(sampled)[0]
+
+
+def _layout(fixed: sitk.Image, max_pixels: int = 280):
+    """Pixel size and (rows, columns) per view so that every view covers the fixed field of view."""
+    low, high = physical_box(fixed)
+    extent = high - low
+    pixel = max(min(fixed.GetSpacing()), float(extent.max()) / max_pixels)
+    shapes = {}
+    for view, (columns, rows) in VIEWS.items():
+        width = float(np.abs(columns) @ extent)
+        height = float(np.abs(rows) @ extent)
+        shapes[view] = (max(int(np.ceil(height / pixel)), 2), max(int(np.ceil(width / pixel)), 2))
+    return pixel, shapes
+
+
+def _edges(image: np.ndarray, anatomy: np.ndarray) -> np.ndarray:
+    """Canny edges whose thresholds follow this slice's gradient strengths inside the anatomy."""
+    slice_image = sitk.GetImageFromArray(image.astype(np.float32))
+    smoothed = sitk.SmoothingRecursiveGaussian(slice_image, 1.0)
+    gradient = sitk.GetArrayViewFromImage(sitk.GradientMagnitude(smoothed))
+    inside = gradient[anatomy] if anatomy.any() else gradient.ravel()
+    if inside.size == 0 or float(inside.max()) <= 0:
+        return np.zeros(image.shape, dtype=bool)
+    lower, upper = np.percentile(inside, [70, 90])
+    if upper <= 0:
+        return np.zeros(image.shape, dtype=bool)
+    edges = sitk.CannyEdgeDetection(slice_image, float(max(lower, 1e-6)), float(upper), [1.0, 1.0])
+    return sitk.GetArrayFromImage(edges) > 0
+
+
+def _large_labels(segmentation: sitk.Image, label_table: list) -> set:
+    """Labels holding over a sixth of the labelled volume: drawn as outlines so they hide nothing."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(segmentation).ravel(),
+                         minlength=max(e["value"] for e in label_table) + 1)
+    counts[0] = 0
+    total = counts.sum()
+    return {int(v) for v in np.nonzero(counts > total / 6)[0]} if total else set()
+
+
+def _draw_labels(ax, labels: np.ndarray, label_table: list, large: set) -> None:
+    colors = {int(e["value"]): e["color"] for e in label_table if e["value"]}
+    present = [int(v) for v in np.unique(labels) if int(v) in colors]
+    if not present:
+        return
+    fill = np.zeros(labels.shape + (4,))
+    for value in present:
+        mask = labels == value
+        if value not in large:
+            fill[mask] = [*colors[value], 0.5]
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colors[value]], linewidths=0.8)
+    ax.imshow(fill, interpolation="nearest")
+
+
+def _markers(ax, view: str, shape) -> None:
+    left, right, top, bottom = MARKERS[view]
+    style = {"color": "yellow", "fontsize": 8, "fontweight": "bold", "ha": "center", "va": "center"}
+    height, width = shape
+    ax.text(0.03 * width, height / 2, left, **style)
+    ax.text(0.97 * width, height / 2, right, **style)
+    ax.text(width / 2, 0.04 * height, top, **style)
+    ax.text(width / 2, 0.96 * height, bottom, **style)
+
+
+def build_figure(result, fixed: sitk.Image):
+    """The QC overview as a matplotlib Figure (rows: axial, coronal, sagittal; six columns)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+    from matplotlib.patches import Patch
+
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    pixel, shapes = _layout(fixed)
+    fixed_values = sitk.GetArrayViewFromImage(fixed)
+    background = float(fixed_values.min())
+    center = center_of_mass(fixed)
+    qc = result.qc
+    table = result.label_table
+    large = _large_labels(result.fixed_segmentation, table) | _large_labels(result.warped_moving_segmentation,
+                                                                              table)
+    det_low, det_high = float(qc["jacobian_min"]), float(qc["jacobian_max"])
+    norm = TwoSlopeNorm(vmin=min(det_low, 1.0 - 1e-3), vcenter=1.0, vmax=max(det_high, 1.0 + 1e-3))
+
+    titles = ["fixed", "warped moving", "fixed + its segmentation", "warped + warped moving seg.",
+              "fixed edges (red) on warped", "det J on the fixed anatomy"]
+    fig, axes = plt.subplots(3, len(titles), figsize=(2.75 * len(titles), 3 * 2.75 + 1.6),
+                             gridspec_kw={"hspace": 0.12, "wspace": 0.04})
+    fig.subplots_adjust(left=0.04, right=0.93, top=0.88, bottom=0.1)
+    slices = {}
+    for row, view in enumerate(VIEWS):
+        plane = display_plane(fixed, view, center, pixel, shapes[view])
+        f = display_slice(fixed, plane, default=background)
+        w = display_slice(result.warped, plane, default=float(np.min(sitk.GetArrayViewFromImage(result.warped))))
+        fs = display_slice(result.fixed_segmentation, plane, sitk.sitkNearestNeighbor)
+        ws = display_slice(result.warped_moving_segmentation, plane, sitk.sitkNearestNeighbor)
+        det = display_slice(result.jacobian_determinant, plane, default=1.0)
+        anatomy = f > background
+        slices[view] = f
+        bright = np.percentile(f[anatomy], 99.5) if anatomy.any() else float(f.max())
+        bright_w = np.percentile(w[w > w.min()], 99.5) if (w > w.min()).any() else float(w.max())
+        gray = {"cmap": "gray", "vmin": background, "vmax": bright, "interpolation": "bilinear"}
+        panels = axes[row]
+        panels[0].imshow(f, **gray)
+        panels[1].imshow(w, cmap="gray", vmin=float(w.min()), vmax=bright_w, interpolation="bilinear")
+        panels[2].imshow(f, **gray)
+        _draw_labels(panels[2], fs, table, large)
+        panels[3].imshow(w, cmap="gray", vmin=float(w.min()), vmax=bright_w, interpolation="bilinear")
+        _draw_labels(panels[3], ws, table, large)
+        panels[4].imshow(w, cmap="gray", vmin=float(w.min()), vmax=bright_w, interpolation="bilinear")
+        edges = _edges(f, anatomy)
+        panels[4].imshow(np.ma.masked_where(~edges, edges.astype(float)), cmap=ListedColormap(["red"]),
+                         vmin=0, vmax=1, interpolation="nearest")
+        panels[5].imshow(f, **gray)
+        shown = panels[5].imshow(np.ma.masked_where(~anatomy, det), cmap="RdBu_r", norm=norm, alpha=0.75,
+                                 interpolation="nearest")
+        folded = anatomy & (det <= 0)
+        if folded.any():
+            panels[5].contour(folded.astype(float), levels=[0.5], colors=["lime"], linewidths=1.0)
+        for col, ax in enumerate(panels):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            _markers(ax, view, f.shape)
+            if row == 0:
+                ax.set_title(titles[col], fontsize=9, wrap=True)
+        panels[0].set_ylabel(view, fontsize=11, fontweight="bold")
+    bar_axis = fig.add_axes([0.945, 0.3, 0.012, 0.45])
+    bar = fig.colorbar(shown, cax=bar_axis)
+    bar.set_label(f"det J (min {det_low:.2f}, max {det_high:.2f}; <= 0 outlined green)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    present = set(np.unique(sitk.GetArrayViewFromImage(result.fixed_segmentation))) | \
+        set(np.unique(sitk.GetArrayViewFromImage(result.warped_moving_segmentation)))
+    handles = [Patch(facecolor=e["color"], edgecolor=e["color"],
+                     label=e["name"] + (" (outline)" if int(e["value"]) in large else ""))
+               for e in table if e["value"] and int(e["value"]) in {int(v) for v in present}]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False,
+                   title="structures", title_fontsize=9)
+    fig.suptitle(f"JointRegSeg QC - model {qc['model']} - folding {qc['folding_percent']:.4f}% - det J "
+                 f"[{det_low:.2f}, {det_high:.2f}] - {qc['timing_s']['total']:.1f} s on {qc['device']}\n"
+                 f"{CONVENTION}; slices through the fixed anatomy's centre", fontsize=11)
+    fig._jointregseg_slices = slices  # for tests: the fixed slice shown in each row
+    return fig
+
+
+def write_report(result, fixed: sitk.Image, out_dir) -> Path:
+    """qc_overview.png (fixed, warped, overlays, edges, det J) and report.md in `out_dir`; returns the .md path."""
+    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    # Show everything in a canonical orientation (LPS-aligned 1 voxel = 1 mm view of the fixed grid)
-    orient = sitk.DICOMOrientImageFilter()
-    orient.SetDesiredCoordinateOrientation("RAI")
-
-    def arr(image):
-        return sitk.GetArrayFromImage(orient.Execute(image))
-
-    fixed_a, warped_a = arr(sitk.Cast(fixed, sitk.sitkFloat32)), arr(result.warped)
-    fixed_seg, warped_seg = arr(result.fixed_segmentation), arr(result.warped_moving_segmentation)
-    det = arr(result.jacobian_determinant)
-    aspect = [orient.Execute(fixed).GetSpacing()[i] for i in (1, 2, 2)], [orient.Execute(fixed).GetSpacing()[i]
-                                                                           for i in (0, 0, 1)]
-    columns = [("fixed", fixed_a, None), ("warped moving", warped_a, None),
-               ("fixed + predicted seg", fixed_a, fixed_seg), ("warped + warped moving seg", warped_a, warped_seg),
-               ("fixed (edges) vs warped", None, None), ("Jacobian determinant", det, "jac")]
-    fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns), 9.5))
-    vmax = np.percentile(fixed_a, 99.5)
-    for col, (title, image, extra) in enumerate(columns):
-        for row, view in enumerate(range(3)):
-            ax = axes[row, col]
-            ax.axis("off")
-            ratio = aspect[0][row] / aspect[1][row]
-            if title.startswith("fixed (edges)"):
-                base = _slices(warped_a)[view]
-                edges = _slices(sitk.GetArrayFromImage(sitk.CannyEdgeDetection(
-                    sitk.Cast(orient.Execute(fixed), sitk.sitkFloat32), 20, 60, [1.0] * 3)))[view]
-                ax.imshow(base, cmap="gray", vmax=np.percentile(warped_a, 99.5), origin="lower", aspect=ratio)
-                ax.imshow(np.ma.masked_equal(edges, 0), cmap="autumn", origin="lower", aspect=ratio)
-            elif isinstance(extra, str):
-                shown = ax.imshow(_slices(image)[view], cmap="RdBu_r", vmin=0, vmax=2, origin="lower", aspect=ratio)
-                if row == 2:
-                    fig.colorbar(shown, ax=axes[:, col], shrink=0.6)
-            else:
-                ax.imshow(_slices(image)[view], cmap="gray", vmax=vmax, origin="lower", aspect=ratio)
-                if extra is not None:
-                    ax.imshow(_overlay_rgb(_slices(extra)[view], result.label_table), origin="lower", aspect=ratio)
-            if row == 0:
-                ax.set_title(title, fontsize=10)
-    qc = result.qc
-    fig.suptitle(f"JointRegSeg QC — model {qc['model']} — folding {qc['folding_percent']:.4f}% — "
-                 f"det J [{qc['jacobian_min']:.2f}, {qc['jacobian_max']:.2f}] — {qc['timing_s']['total']:.1f} s on "
-                 f"{qc['device']}", fontsize=11)
+    fig = build_figure(result, fixed)
     png = out_dir / "qc_overview.png"
-    fig.savefig(png, dpi=80)
+    fig.savefig(png, dpi=DPI)
     plt.close(fig)
 
+    qc = result.qc
     lines = ["# JointRegSeg QC report", "", f"![overview]({png.name})", "",
-             "| measure | value |", "|---|---|",
-             f"| folding (det J <= 0) | {qc['folding_percent']:.4f} % |",
-             f"| det J min / p1 / median / p99 / max | {qc['jacobian_min']:.3f} / {qc['jacobian_p1']:.3f} / "
-             f"{qc['jacobian_median']:.3f} / {qc['jacobian_p99']:.3f} / {qc['jacobian_max']:.3f} |",
-             f"| device | {qc['device']} |", f"| refinement iterations | {qc['refine_iterations']} |", "",
-             "| structure | fixed volume (ml) | moving volume (ml) |", "|---|---|---|"]
+             f"Picture: {CONVENTION}; rows axial, coronal, sagittal through the fixed anatomy's centre.", ""]
+    flags = qc.get("volume_flags") or []
+    if flags:
+        lines += ["**Implausible structure volumes — check these segmentations:**", ""]
+        lines += [f"- {flag}" for flag in flags] + [""]
+    lines += ["| measure | value |", "|---|---|",
+              f"| folding (det J <= 0) | {qc['folding_percent']:.4f} % |",
+              f"| det J min / p1 / median / p99 / max | {qc['jacobian_min']:.3f} / {qc['jacobian_p1']:.3f} / "
+              f"{qc['jacobian_median']:.3f} / {qc['jacobian_p99']:.3f} / {qc['jacobian_max']:.3f} |",
+              f"| device | {qc['device']} |", f"| refinement iterations | {qc['refine_iterations']} |", "",
+              "| structure | fixed volume (ml) | moving volume (ml) |", "|---|---|---|"]
+    flagged = {flag.split(":")[0] for flag in flags}
     for name, volume in qc["fixed_volumes_ml"].items():
-        lines.append(f"| {name} | {volume:.2f} | {qc['moving_volumes_ml'].get(name, float('nan')):.2f} |")
+        mark = " ⚠" if name in flagged else ""
+        lines.append(f"| {name}{mark} | {volume:.2f} | {qc['moving_volumes_ml'].get(name, float('nan')):.2f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in qc["timing_s"].items()]
     md = out_dir / "report.md"
