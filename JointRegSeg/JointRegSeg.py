@@ -1,20 +1,24 @@
 """JointRegSeg: deep joint registration + segmentation of two 3D volumes, as a Slicer module.
 
 Thin by design: the Widget reads and writes the parameter node and calls the Logic; the Logic hands
-MRML nodes to JointRegSegLib.mrml, which runs the engine in a child process and builds result nodes.
+MRML nodes to JointRegSegLib.mrml, which runs the engine in a warm worker process (imports and model
+loaded once, kept between clicks) and builds result nodes.
 """
-import importlib.util
+import contextlib
+import importlib.metadata
+import logging
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Annotated, Optional
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer import vtkMRMLGridTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -26,12 +30,28 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _candidate)
 
 from JointRegSegLib.card import read_card  # noqa: E402  (needs the path above)
-from JointRegSegLib.errors import Cancelled, JointRegSegError  # noqa: E402
-from JointRegSegLib.models import default_model_path, installed_models  # noqa: E402
+from JointRegSegLib.errors import Cancelled, CheckpointError, JointRegSegError  # noqa: E402
+from JointRegSegLib.models import REPO_ROOT, default_model_path, installed_models  # noqa: E402
 
-# pip name -> import name of what the engine needs besides Slicer's own Python packages
-PIP_REQUIREMENTS = {"monai>=1.3": "monai", "safetensors>=0.4": "safetensors", "tqdm": "tqdm"}
 BROWSE_ITEM = "Browse…"
+REQUIREMENTS_FILE = REPO_ROOT / "Resources" / "requirements.txt"
+SAMPLE_FOLDER = REPO_ROOT / "Resources" / "SampleData"
+SAMPLE_PAIR = {"moving": ("colin27_t1_brain_2mm.nii.gz", "JointRegSeg sample moving (Colin27 T1)"),
+               "fixed": ("itk_subject_t1_brain.nii.gz", "JointRegSeg sample fixed (subject T1)")}
+# Packages Slicer (or the PyTorch extension) provides: installing our requirements must never replace them.
+KEEP_INSTALLED = ("torch", "torchvision", "numpy", "SimpleITK", "scipy", "vtk")
+RESEARCH_NOTICE = ("For research use only. Not a medical device: do not use the results for diagnosis or "
+                   "treatment decisions. Check every result visually.")
+# what the engine reports -> what the progress bar says
+STAGE_WORDS = {
+    "starting": "Starting the engine…", "starting the engine": "Starting the engine…",
+    "validate inputs": "Checking the volumes…", "load model": "Loading the model…",
+    "affine pre-alignment": "Aligning the volumes (affine)…", "resample to working grid": "Preparing the volumes…",
+    "network inference": "Running the network…", "test-time refinement": "Refining the alignment…",
+    "compose transform": "Building the transform…", "warp moving": "Warping the moving volume…",
+    "segmentations": "Segmenting both volumes…", "quality control": "Checking the result…",
+    "save results": "Saving the results…",
+}
 
 CITATIONS = """
 <p>Methods:</p><ul>
@@ -55,12 +75,29 @@ class JointRegSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Registers a moving volume onto a fixed volume with a trained deep network and segments both. "
             "Outputs: a grid transform (apply it to the moving volume to align it), the warped moving volume, "
-            "segmentations of the fixed and the moving image, and quality measures (folding, Jacobian range, "
-            "structure volumes). Work runs in a separate process; Cancel stops it and leaves the scene as it was."
-        ) + CITATIONS
+            "segmentations of the fixed and the moving image and the moving segmentation warped onto the fixed one "
+            "(segments carry standard SNOMED CT terminology), and quality measures (folding, Jacobian map, "
+            "structure volumes). Work runs in a separate process kept warm between runs; Cancel stops it and "
+            "leaves the scene as it was. <b>{notice}</b>").format(notice=RESEARCH_NOTICE) + CITATIONS
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer, MONAI, PyTorch and SimpleITK. The embedded brain model was trained on the "
             "Colin27 and MNI ICBM 2009c templates with AAL labels; see the model card for sources and licences.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def sampleDataSources() -> dict:
+    """The module's sample pair, as SampleData's registerCustomSampleDataSource arguments (local files: offline)."""
+    names = [SAMPLE_PAIR[role][0] for role in ("moving", "fixed")]
+    return {"category": "JointRegSeg", "sampleName": "JointRegSegBrainPair",
+            "uris": [(SAMPLE_FOLDER / name).as_uri() for name in names], "fileNames": names,
+            "nodeNames": [SAMPLE_PAIR[role][1] for role in ("moving", "fixed")],
+            "thumbnailFileName": os.path.join(_HERE, "Resources", "Icons", "JointRegSeg.png")}
+
+
+def registerSampleData() -> None:
+    """Add the bundled brain pair to the Sample Data module (category JointRegSeg)."""
+    import SampleData
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**sampleDataSources())
 
 
 @parameterNodeWrapper
@@ -68,20 +105,30 @@ class JointRegSegParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     fixedVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""
+    device: str = "auto"
     affine: bool = True
     refineIterations: Annotated[int, WithinRange(0, 1000)] = 0
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     guideMovingSegmentation: vtkMRMLSegmentationNode
     guideFixedSegmentation: vtkMRMLSegmentationNode
-    outputTransform: vtkMRMLTransformNode
+    newNodesEachRun: bool = True
+    outputTransform: vtkMRMLGridTransformNode
     outputWarpedVolume: vtkMRMLScalarVolumeNode
     outputFixedSegmentation: vtkMRMLSegmentationNode
     outputMovingSegmentation: vtkMRMLSegmentationNode
-    outputJacobian: bool = False
+    outputWarpedMovingSegmentation: vtkMRMLSegmentationNode
+    outputJacobian: bool = True
+    outputJacobianVolume: vtkMRMLScalarVolumeNode
     trainingFolder: pathlib.Path
     annotatedVolume: vtkMRMLScalarVolumeNode
     annotatedSegmentation: vtkMRMLSegmentationNode
     finetuneSteps: Annotated[int, WithinRange(10, 5000)] = 300
+
+
+OUTPUT_PARAMETERS = {"transform": "outputTransform", "warped": "outputWarpedVolume",
+                     "fixed_segmentation": "outputFixedSegmentation",
+                     "moving_segmentation": "outputMovingSegmentation",
+                     "warped_moving_segmentation": "outputWarpedMovingSegmentation",
+                     "jacobian": "outputJacobianVolume"}
 
 
 class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -90,6 +137,8 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.job = None
+        self.results = None
+        self.finetuneRun = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
 
@@ -97,46 +146,77 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/JointRegSeg.ui"))
         self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = JointRegSegLogic()
+        self.setupWith(ui)
 
+    def setupWith(self, ui) -> None:
+        """Everything after loading the .ui: connections, observers, parameter node, model and device lists."""
+        self.ui = ui
+        self.logic = JointRegSegLogic()
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(200)
         self.pollTimer.connect("timeout()", self.onPoll)
-        self.ui.applyButton.connect("clicked(bool)", self.onApply)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
-        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
-        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
-        self.ui.trainingFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateCaseList)
-        self.finetuneRun = None
         self.finetuneTimer = qt.QTimer()
         self.finetuneTimer.setInterval(500)
         self.finetuneTimer.connect("timeout()", self.onFinetunePoll)
-        self.ui.progressBar.hide()
-        self.ui.cancelButton.enabled = False
-
+        ui.applyButton.connect("clicked(bool)", self.onApply)
+        ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        ui.swapButton.connect("clicked(bool)", self.onSwap)
+        ui.showJacobianButton.connect("clicked(bool)", self.onShowJacobian)
+        ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChosen)
+        ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        ui.finetuneCancelButton.connect("clicked(bool)", self.onFinetuneCancel)
+        ui.trainingFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateCaseList)
+        ui.researchNoticeLabel.text = RESEARCH_NOTICE
+        ui.progressBar.hide()
+        ui.finetuneProgressBar.hide()
+        ui.cancelButton.enabled = False
+        ui.finetuneCancelButton.enabled = False
+        ui.showJacobianButton.enabled = False
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        self.populateModels()
 
     def cleanup(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        self.cancelJob()
+        if self.finetuneRun is not None:
+            self.finetuneRun[0].cancel()
+        self.logic.stopWorker()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.logic.warmUp()              # start the engine in the background while the user picks volumes
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
+    # --- messages (one place, so that every slot reports errors the same way) ----------------------
+    def showError(self, text: str) -> None:
+        slicer.util.errorDisplay(text, windowTitle=_("JointRegSeg"))
+
+    def confirm(self, text: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("JointRegSeg"))
+
+    @contextlib.contextmanager
+    def reportErrors(self, what: str):
+        """Any exception in a slot becomes a message naming `what` failed (never an unhandled traceback)."""
+        try:
+            yield
+        except Exception as err:        # noqa: BLE001 (a GUI slot must not raise)
+            logging.exception(what)
+            self.showError(f"{what}\n\n{err}")
+
+    # --- scene and parameter node ------------------------------------------------------------------
     def onSceneStartClose(self, caller, event) -> None:
+        self.cancelJob()                 # its inputs are going away: stop it, nothing will be loaded
+        self.results = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -145,35 +225,33 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
-            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                       if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-            if len(volumes) >= 2:
-                self._parameterNode.movingVolume, self._parameterNode.fixedVolume = volumes[-1], volumes[0]
+        self.logic.setDefaultParameters(self._parameterNode)
+        self.populateModels()
+        self.populateDevices()
 
     def setParameterNode(self, parameterNode: Optional[JointRegSegParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = parameterNode
         if self._parameterNode:
             # widgets with the "SlicerParameterName" property in the .ui follow the parameter node
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-            self.updateApplyButton()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
 
-    # --- model choice -------------------------------------------------------------------------
+    # --- model and device choice --------------------------------------------------------------------
     def populateModels(self) -> None:
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for name, path in installed_models().items():
+        for name, path in self.logic.models().items():
             combo.addItem(name, str(path))
         chosen = self._parameterNode.modelPath if self._parameterNode else ""
         if chosen and combo.findData(chosen) < 0:
             combo.addItem(os.path.basename(chosen), chosen)
         combo.addItem(BROWSE_ITEM, "")
-        index = combo.findData(chosen) if chosen else combo.findData(str(default_model_path()))
+        index = combo.findData(chosen) if chosen else -1
         combo.setCurrentIndex(max(index, 0))
         combo.blockSignals(wasBlocked)
         self.onModelChosen(combo.currentIndex)
@@ -190,75 +268,143 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.insertItem(index, os.path.basename(path), path)
             combo.setCurrentIndex(index)
             return
-        if self._parameterNode:
+        if self._parameterNode and (path or "") != self._parameterNode.modelPath:
             self._parameterNode.modelPath = path or ""
         self.ui.modelInfoLabel.text = self.logic.describeModel(path) if path else ""
-        self.updateApplyButton()
+        self.updateButtons()
+
+    def populateDevices(self) -> None:
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        devices = self.logic.availableDevices()
+        for device in devices:
+            combo.addItem(device, device)
+        chosen = self._parameterNode.device if self._parameterNode else "auto"
+        combo.setCurrentIndex(max(combo.findData(chosen if chosen in devices else "auto"), 0))
+        combo.blockSignals(wasBlocked)
+        self.onDeviceChosen(combo.currentIndex)
+
+    def onDeviceChosen(self, index: int) -> None:
+        device = self.ui.deviceComboBox.itemData(index) or "auto"
+        if self._parameterNode and self._parameterNode.device != device:
+            self._parameterNode.device = device
+
+    def onSwap(self) -> None:
+        node = self._parameterNode
+        if node:
+            node.movingVolume, node.fixedVolume = node.fixedVolume, node.movingVolume
 
     # --- run ----------------------------------------------------------------------------------
-    def updateApplyButton(self, caller=None, event=None) -> None:
+    def updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
-        ready = bool(node and node.movingVolume and node.fixedVolume and node.modelPath) and self.job is None
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Register the moving volume to the fixed one and segment both") if ready \
-            else _("Select a moving volume, a fixed volume and a model")
+        reason = None
+        if self.job is not None:
+            reason = _("A registration is running")
+        elif self.finetuneRun is not None:
+            reason = _("Wait for the fine-tuning to finish (or cancel it)")
+        elif not (node and node.movingVolume and node.fixedVolume):
+            reason = _("Select a moving and a fixed volume")
+        elif node.movingVolume.GetID() == node.fixedVolume.GetID():
+            reason = _("Moving and fixed are the same volume; select two different volumes")
+        elif not node.modelPath:
+            reason = _("Select a model")
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Register the moving volume to the fixed one and segment both")
+        busy = self.job is not None or self.finetuneRun is not None
+        self.ui.finetuneButton.enabled = not busy
+        self.ui.addCaseButton.enabled = self.finetuneRun is None
 
     def onApply(self) -> None:
         node = self._parameterNode
-        try:
-            self.logic.installDependencies(askConfirmation=True)
+        with self.reportErrors(_("Could not start Register & Segment.")):
+            self.logic.installDependencies(askConfirmation=True, confirm=self.confirm)
+            if node.newNodesEachRun:             # keep the previous run's results: make new nodes
+                for parameter in OUTPUT_PARAMETERS.values():
+                    setattr(node, parameter, None)
             guide = (node.guideMovingSegmentation, node.guideFixedSegmentation) \
                 if node.guideMovingSegmentation or node.guideFixedSegmentation else None
             self.job = self.logic.start(node.movingVolume, node.fixedVolume, node.modelPath, affine=node.affine,
-                                        refineIterations=node.refineIterations, device=node.device, guide=guide)
-        except JointRegSegError as err:
-            slicer.util.errorDisplay(str(err), windowTitle=_("JointRegSeg"))
-            return
-        self.ui.resultsLabel.text = ""
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
-        self.ui.cancelButton.enabled = True
-        self.updateApplyButton()
-        self.pollTimer.start()
+                                        refineIterations=node.refineIterations, device=node.device, guide=guide,
+                                        outputs=self.chosenOutputs())
+            self.ui.resultsLabel.text = ""
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setFormat(self.logic.describeStage("starting") + " %p%")
+            self.ui.progressBar.show()
+            self.ui.cancelButton.enabled = True
+            self.updateButtons()
+            self.pollTimer.start()
+
+    def chosenOutputs(self) -> dict:
+        node = self._parameterNode
+        return {role: getattr(node, parameter) for role, parameter in OUTPUT_PARAMETERS.items()
+                if getattr(node, parameter) is not None}
 
     def onPoll(self) -> None:
-        stage, fraction = self.job.run.progress
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.setFormat(f"{stage} %p%")
-        if self.job.run.state == "running":
+        job = self.job
+        if job is None:
+            self.pollTimer.stop()
             return
-        self.pollTimer.stop()
-        node, job = self._parameterNode, self.job
-        self.job = None
-        outputs = {"transform": node.outputTransform, "warped": node.outputWarpedVolume,
-                   "fixed_segmentation": node.outputFixedSegmentation,
-                   "moving_segmentation": node.outputMovingSegmentation}
         try:
-            with slicer.util.tryWithErrorDisplay(_("Register & Segment failed."), waitCursor=True):
+            stage, fraction = job.run.progress
+            self.ui.progressBar.value = int(round(100 * fraction))
+            self.ui.progressBar.setFormat(self.logic.describeStage(stage) + " %p%")
+            if job.run.state == "running":
+                return
+            self.pollTimer.stop()
+            self.job = None
+            self.finishJob(job)
+        except Exception as err:                 # noqa: BLE001 (a timer slot must not raise)
+            self.pollTimer.stop()
+            if self.job is not None:
+                self.job.cancel()
+                self.job = None
+            logging.exception("JointRegSeg progress")
+            self.showError(_("Register & Segment failed.") + f"\n\n{err}")
+            self.resetRunControls()
+
+    def finishJob(self, job) -> None:
+        node = self._parameterNode
+        try:
+            with self.reportErrors(_("Register & Segment failed.")):
                 try:
-                    results = self.logic.finish(job, outputs={k: v for k, v in outputs.items() if v},
-                                                jacobian=node.outputJacobian)
+                    results = self.logic.finish(job, outputs=self.chosenOutputs(), jacobian=node.outputJacobian)
                 except Cancelled:
                     self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
                     return
-                node.outputTransform, node.outputWarpedVolume = results.transform, results.warped
-                node.outputFixedSegmentation = results.fixed_segmentation
-                node.outputMovingSegmentation = results.moving_segmentation
+                self.results = results
+                for role, parameter in OUTPUT_PARAMETERS.items():
+                    if getattr(results, role) is not None:
+                        setattr(node, parameter, getattr(results, role))
                 self.ui.resultsLabel.text = self.logic.describeQc(results.qc)
-                slicer.util.setSliceViewerLayers(background=node.fixedVolume, foreground=results.warped,
-                                                 foregroundOpacity=0.5, fit=True)
+                self.ui.showJacobianButton.enabled = results.jacobian is not None
+                self.logic.showResults(results, node.fixedVolume)
         finally:
-            self.ui.progressBar.hide()
-            self.ui.cancelButton.enabled = False
-            self.updateApplyButton()
+            self.resetRunControls()
+
+    def resetRunControls(self) -> None:
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.enabled = False
+        self.updateButtons()
+
+    def cancelJob(self) -> None:
+        job, self.job = self.job, None
+        if job is not None:
+            self.pollTimer.stop()
+            job.cancel()
+            self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
+            self.resetRunControls()
 
     def onCancel(self) -> None:
         if self.job is not None:
-            self.ui.progressBar.setFormat(_("cancelling…"))
-            self.job.run.cancel()
-        if self.finetuneRun is not None:
-            self.ui.progressBar.setFormat(_("cancelling…"))
-            self.finetuneRun[0].cancel()
+            self.ui.progressBar.setFormat(_("Cancelling…"))
+            self.cancelJob()
+
+    def onShowJacobian(self) -> None:
+        with self.reportErrors(_("Could not show the Jacobian map.")):
+            if self.results is None or self.results.jacobian is None:
+                raise JointRegSegError(_("run Register & Segment with 'Jacobian map' checked first"))
+            self.logic.showJacobian(self.results.jacobian, self._parameterNode.fixedVolume)
 
     # --- annotate & refine ------------------------------------------------------------------------
     def trainingFolder(self):
@@ -267,77 +413,159 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return folder if folder and str(folder).strip(". ") else None
 
     def updateCaseList(self, *args) -> None:
-        self.ui.casesListWidget.clear()
-        folder = self.trainingFolder()
-        for name in self.logic.trainingCases(folder) if folder else []:
-            self.ui.casesListWidget.addItem(name)
+        with self.reportErrors(_("Could not read the training folder.")):
+            self.ui.casesListWidget.clear()
+            folder = self.trainingFolder()
+            for name in self.logic.trainingCases(folder) if folder else []:
+                self.ui.casesListWidget.addItem(name)
 
     def onAddCase(self) -> None:
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not add the case."), waitCursor=True):
-            if self.trainingFolder() is None:
+        with self.reportErrors(_("Could not add the case.")):
+            folder = self.trainingFolder()
+            if folder is None:
                 raise JointRegSegError(_("choose a training folder first"))
-            self.logic.addTrainingCase(self.trainingFolder(), node.annotatedVolume, node.annotatedSegmentation,
-                                       node.modelPath)
+            overwrite = False
+            if node.annotatedVolume is not None and self.logic.caseExists(folder, node.annotatedVolume):
+                if not self.confirm(_("The training folder already has a case named '{name}'. Replace it?").format(
+                        name=self.logic.caseName(node.annotatedVolume))):
+                    return
+                overwrite = True
+            self.logic.addTrainingCase(folder, node.annotatedVolume, node.annotatedSegmentation, node.modelPath,
+                                       overwrite=overwrite)
         self.updateCaseList()
 
     def onFinetune(self) -> None:
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not start fine-tuning."), waitCursor=True):
+        with self.reportErrors(_("Could not start fine-tuning.")):
+            if self.job is not None:
+                raise JointRegSegError(_("wait for the running registration to finish"))
             if self.trainingFolder() is None or not self.logic.trainingCases(self.trainingFolder()):
                 raise JointRegSegError(_("add corrected cases to a training folder first"))
-            self.logic.installDependencies(askConfirmation=True)
+            self.logic.installDependencies(askConfirmation=True, confirm=self.confirm)
             output = self.logic.newModelPath(node.modelPath)
             self.finetuneRun = (self.logic.startFinetune(node.modelPath, self.trainingFolder(), output,
-                                                         steps=node.finetuneSteps), output)
-            self.ui.finetuneButton.enabled = False
-            self.ui.cancelButton.enabled = True
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
+                                                         steps=node.finetuneSteps, device=node.device), output)
+            self.ui.finetuneCancelButton.enabled = True
+            self.ui.finetuneProgressBar.value = 0
+            self.ui.finetuneProgressBar.show()
+            self.ui.finetuneResultLabel.text = ""
+            self.updateButtons()
             self.finetuneTimer.start()
 
+    def onFinetuneCancel(self) -> None:
+        if self.finetuneRun is not None:
+            self.ui.finetuneProgressBar.setFormat(_("Cancelling…"))
+            self.finetuneRun[0].cancel()
+
     def onFinetunePoll(self) -> None:
+        if self.finetuneRun is None:
+            self.finetuneTimer.stop()
+            return
         run, output = self.finetuneRun
-        stage, fraction = run.progress
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.setFormat(f"fine-tuning: {stage} %p%")
-        if run.state == "running":
-            return
-        self.finetuneTimer.stop()
-        self.finetuneRun = None
-        self.ui.progressBar.hide()
-        self.ui.cancelButton.enabled = False
-        self.ui.finetuneButton.enabled = True
-        if run.state != "done":
-            self.ui.finetuneResultLabel.text = _("Fine-tuning cancelled.") if run.state == "cancelled" else \
-                _("Fine-tuning failed: {error}").format(error=run.error)
-            return
-        text, improved = self.logic.describeFinetune(output)
-        self.ui.finetuneResultLabel.text = text
-        if improved:
-            combo = self.ui.modelComboBox
-            combo.insertItem(0, os.path.basename(output), str(output))
-            combo.setCurrentIndex(0)
+        try:
+            stage, fraction = run.progress
+            self.ui.finetuneProgressBar.value = int(round(100 * fraction))
+            self.ui.finetuneProgressBar.setFormat(_("Fine-tuning: {stage}").format(stage=stage) + " %p%")
+            if run.state == "running":
+                return
+            self.finetuneTimer.stop()
+            self.finetuneRun = None
+            if run.state != "done":
+                self.ui.finetuneResultLabel.text = _("Fine-tuning cancelled.") if run.state == "cancelled" else \
+                    _("Fine-tuning failed: {error}").format(error=run.error)
+                return
+            text, improved = self.logic.describeFinetune(output)
+            self.ui.finetuneResultLabel.text = text
+            self.populateModels()              # the new model is in the user models folder: listed from now on
+            if improved:
+                self._parameterNode.modelPath = str(output)
+                self.populateModels()
+        except Exception as err:               # noqa: BLE001
+            self.finetuneTimer.stop()
+            self.finetuneRun = None
+            logging.exception("JointRegSeg fine-tuning")
+            self.showError(_("Fine-tuning failed.") + f"\n\n{err}")
+        finally:
+            if self.finetuneRun is None:
+                self.ui.finetuneProgressBar.hide()
+                self.ui.finetuneCancelButton.enabled = False
+                self.updateButtons()
 
 
 class JointRegSegLogic(ScriptedLoadableModuleLogic):
     """Register & Segment on scene nodes. `process` blocks (scripts, batch); `start`/`finish` let the
-    Widget keep Slicer responsive while the engine works in a child process."""
+    Widget keep Slicer responsive while the engine works in the warm worker process."""
 
-    def __init__(self) -> None:
+    def __init__(self, python=None, warm=True) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.python, self.warm = python, warm
 
     def getParameterNode(self):
         return JointRegSegParameterNode(super().getParameterNode())
 
+    def setDefaultParameters(self, node) -> None:
+        """Fill what a fresh (or just cleared) parameter node lacks: the model, a device."""
+        if not node.modelPath or not os.path.isfile(node.modelPath):
+            try:
+                node.modelPath = str(default_model_path())
+            except CheckpointError:
+                models = self.models()
+                node.modelPath = str(next(iter(models.values()))) if models else ""
+        if not node.device:
+            node.device = "auto"
+
     # --- dependencies ----------------------------------------------------------------------------
     @staticmethod
-    def missingDependencies() -> list:
-        needed = {"torch": "torch", **PIP_REQUIREMENTS}
-        return [pip for pip, module in needed.items() if importlib.util.find_spec(module) is None]
+    def requirements() -> list:
+        """Requirement strings from Resources/requirements.txt (PyTorch is not among them)."""
+        lines = REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
+        return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()
+                and not line.strip().startswith("-")]
 
-    def installDependencies(self, askConfirmation: bool = True) -> None:
-        """PyTorch through the PyTorch extension, the rest with pip, each after the user agrees."""
+    @staticmethod
+    def _satisfied(requirement: str) -> bool:
+        """Installed at a version the requirement accepts (not merely importable: an old MONAI fails)."""
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:                  # a Slicer without `packaging`: "name", "name==v" and "name>=v" only
+            name, op, wanted = next(((requirement.partition(o)[0], o, requirement.partition(o)[2])
+                                     for o in ("==", ">=") if o in requirement), (requirement, "", ""))
+            try:
+                installed = importlib.metadata.version(name.strip())
+            except importlib.metadata.PackageNotFoundError:
+                return False
+            key = lambda v: [int(p) if p.isdigit() else 0 for p in v.split("+")[0].split(".")]  # noqa: E731
+            return not op or (installed == wanted.strip() if op == "==" else key(installed) >= key(wanted.strip()))
+        parsed = Requirement(requirement)
+        try:
+            installed = importlib.metadata.version(parsed.name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return parsed.specifier.contains(installed, prereleases=True)
+
+    @classmethod
+    def missingDependencies(cls) -> list:
+        """Requirements not installed at a version that satisfies them (torch: any version)."""
+        missing = [] if cls._satisfied("torch") else ["torch"]
+        return missing + [r for r in cls.requirements() if not cls._satisfied(r)]
+
+    @staticmethod
+    def constraints() -> str:
+        """pip constraints pinning what Slicer and the PyTorch extension installed, so that installing the
+        requirements can never replace Slicer's torch (or numpy, SimpleITK, ...)."""
+        pins = []
+        for name in KEEP_INSTALLED:
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "\n".join(pins) + "\n"
+
+    def installDependencies(self, askConfirmation: bool = True, confirm=None) -> None:
+        """PyTorch through the PyTorch extension, the rest with slicer.packaging.pip_ensure from
+        Resources/requirements.txt under constraints that keep Slicer's packages (skipped when Slicer runs
+        its tests: then a missing package is an error, never a download)."""
         missing = self.missingDependencies()
         if "torch" in missing:
             try:
@@ -351,34 +579,117 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             missing.remove("torch")
         if not missing:
             return
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("JointRegSeg needs these Python packages: {names}. Install them now? This can take a few "
-                  "minutes.").format(names=", ".join(missing))):
-            raise JointRegSegError(_("missing Python packages: {names}").format(names=", ".join(missing)))
-        slicer.util.pip_install(" ".join(missing))
+        with tempfile.TemporaryDirectory(prefix="JointRegSeg-pip-") as folder:
+            constraints = os.path.join(folder, "constraints.txt")
+            with open(constraints, "w", encoding="utf-8") as handle:
+                handle.write(self.constraints())
+            ensure = self._pipEnsure()
+            try:
+                if ensure is not None:
+                    ensure(missing, constraints=constraints, prompt_install=askConfirmation, requester="JointRegSeg",
+                           skip_in_testing=True)
+                else:                  # Slicer before slicer.packaging: the same, by hand
+                    confirm = confirm or (lambda text: slicer.util.confirmOkCancelDisplay(text))
+                    if askConfirmation and not confirm(
+                            _("JointRegSeg needs these Python packages: {names}. Install them now? This can take a "
+                              "few minutes.").format(names=", ".join(missing))):
+                        raise RuntimeError("declined")
+                    slicer.util.pip_install(["-c", constraints, *missing])
+            except RuntimeError as err:
+                raise JointRegSegError(_("missing Python packages: {names} ({reason})").format(
+                    names=", ".join(missing), reason=err)) from None
+        importlib.invalidate_caches()
+        still = [r for r in missing if not self._satisfied(r)]
+        if still:
+            raise JointRegSegError(_("missing Python packages: {names}; JointRegSeg cannot run without them").format(
+                names=", ".join(still)))
+
+    @staticmethod
+    def _pipEnsure():
+        for name in ("packaging", "pydeps"):
+            module = getattr(slicer, name, None)
+            if module is None:
+                try:
+                    module = importlib.import_module(f"slicer.{name}")
+                except ImportError:
+                    continue
+            if hasattr(module, "pip_ensure"):
+                return module.pip_ensure
+        return None
+
+    # --- models and devices ---------------------------------------------------------------------
+    @staticmethod
+    def userModelsFolder() -> pathlib.Path:
+        """Where fine-tuned models go; the model list reads it."""
+        return pathlib.Path(os.environ.get("JOINTREGSEG_USER_MODELS", pathlib.Path.home() / "JointRegSegModels"))
+
+    def models(self) -> dict:
+        """Model name -> path: embedded and $JOINTREGSEG_MODELS models, then the user's fine-tuned ones."""
+        found = dict(installed_models())
+        folder = self.userModelsFolder()
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            if path.name.endswith(".partial.safetensors"):
+                continue
+            try:
+                name = read_card(path).get("name", path.stem)
+            except CheckpointError:
+                continue
+            found[name if name not in found else f"{name} ({path.stem})"] = path
+        return found
+
+    def availableDevices(self) -> list:
+        """auto and cpu, plus cuda only where a CUDA device is there (asked of the warm worker, which has
+        torch loaded, else of torch if Slicer already imported it; never imports torch here)."""
+        from JointRegSegLib.worker import shared_worker
+        worker = shared_worker(self.python)
+        if "cuda" in worker.info:
+            cuda = worker.info["cuda"]
+        elif "torch" in sys.modules:
+            cuda = bool(sys.modules["torch"].cuda.is_available())
+        else:
+            cuda = False
+        return ["auto", "cpu"] + (["cuda"] if cuda else [])
+
+    # --- the warm worker -------------------------------------------------------------------------
+    def worker(self):
+        from JointRegSegLib.worker import shared_worker
+        return shared_worker(self.python)
+
+    def warmUp(self) -> None:
+        """Start the engine process now (when the dependencies are there), so the first click does not wait."""
+        if self.warm and not self.missingDependencies():
+            self.worker().start()
+
+    def stopWorker(self) -> None:
+        from JointRegSegLib.worker import _SHARED, python_executable
+        worker = _SHARED.get(self.python or python_executable())
+        if worker is not None:
+            worker.stop()
 
     # --- work --------------------------------------------------------------------------------
     def start(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", python=None,
-              guide=None):
-        """Start the work in a child process; `guide` = (moving, fixed) corrected segmentation nodes that the
-        refinement also aligns. Returns a JointRegSegLib.mrml.Job (progress, state, cancel)."""
+              guide=None, outputs=None):
+        """Start the work in the warm worker; `guide` = (moving, fixed) corrected segmentation nodes that the
+        refinement also aligns. Returns a JointRegSegLib.mrml.Job (run.progress, run.state, cancel)."""
         from JointRegSegLib.mrml import Job
+        python = python or self.python
+        worker = self.worker() if self.warm and python == self.python else None
         return Job(moving, fixed, model or None, affine=affine, refine_iterations=refineIterations,
-                   device=device, python=python, guide=guide)
+                   device=device, python=python, guide=guide, worker=worker, outputs=outputs)
 
-    def finish(self, job, outputs=None, jacobian=False):
+    def finish(self, job, outputs=None, jacobian=True):
         return job.finish(slicer.mrmlScene, outputs, jacobian)
 
     def process(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", outputs=None,
-                jacobian=False, progress=None, cancel=None, python=None, guide=None):
+                jacobian=True, progress=None, cancel=None, python=None, guide=None):
         """Blocking Register & Segment. Returns JointRegSegLib.mrml.Results (transform, warped,
-        fixed_segmentation, moving_segmentation, jacobian nodes and the qc dict). Raises
-        JointRegSegError with a message naming the problem; the scene is then unchanged."""
+        fixed_segmentation, moving_segmentation, warped_moving_segmentation, jacobian nodes and the qc dict).
+        Raises JointRegSegError with a message naming the problem; the scene is then unchanged."""
         missing = self.missingDependencies()
         if missing:
             raise JointRegSegError(f"missing Python packages: {', '.join(missing)}; call "
                                    "JointRegSegLogic().installDependencies() first")
-        job = self.start(moving, fixed, model, affine, refineIterations, device, python, guide)
+        job = self.start(moving, fixed, model, affine, refineIterations, device, python, guide, outputs)
         try:
             job.run.wait(progress, cancel)
         except BaseException:
@@ -386,26 +697,52 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             raise
         return self.finish(job, outputs, jacobian)
 
+    # --- showing results ------------------------------------------------------------------------
+    @staticmethod
+    def showResults(results, fixed) -> None:
+        """Warped moving volume over the fixed one, the fixed segmentation as outlines."""
+        from JointRegSegLib.mrml import show_over
+        show_over(fixed, results.warped, 0.5)
+        for role in ("moving_segmentation", "warped_moving_segmentation"):
+            node = getattr(results, role)
+            if node is not None and node.GetDisplayNode() is not None:
+                node.GetDisplayNode().SetVisibility(False)   # one segmentation on screen at a time
+
+    @staticmethod
+    def showJacobian(jacobian, fixed, opacity: float = 0.5) -> int:
+        """The Jacobian determinant map (det J colour map: folding black, compression blue, expansion red) over
+        the fixed volume in every slice view; returns how many views show it."""
+        from JointRegSegLib.mrml import show_over, style_jacobian
+        style_jacobian(jacobian)
+        return show_over(fixed, jacobian, opacity)
+
     # --- annotate & refine ------------------------------------------------------------------------
     @staticmethod
     def trainingCases(folder) -> list:
-        from JointRegSegLib.training.finetune import list_cases
-        try:
-            return list(list_cases(folder, need_labels=False))
-        except JointRegSegError:
-            return []
-
-    def addTrainingCase(self, folder, volume, segmentation, model=None):
-        """Save a corrected case (image, label map by the model's label names, .seg.nrrd) into `folder`."""
-        from JointRegSegLib.mrml import save_training_case
-        card = read_card(model or default_model_path())
-        return save_training_case(folder, volume, segmentation, card["labels"])
+        """Case names in a training folder; file names only, no torch in Slicer's process."""
+        from JointRegSegLib.mrml import list_training_cases
+        return list_training_cases(folder)
 
     @staticmethod
-    def newModelPath(model) -> str:
-        """A new file next to the user's models, never the original."""
+    def caseName(volume) -> str:
+        from JointRegSegLib.mrml import case_name
+        return case_name(volume)
+
+    @staticmethod
+    def caseExists(folder, volume) -> bool:
+        from JointRegSegLib.mrml import case_name, existing_case_files
+        return bool(existing_case_files(folder, case_name(volume)))
+
+    def addTrainingCase(self, folder, volume, segmentation, model=None, overwrite=False):
+        """Save a corrected case (image, label map by the model's structures, .seg.nrrd) into `folder`."""
+        from JointRegSegLib.mrml import save_training_case
+        card = read_card(model or default_model_path())
+        return save_training_case(folder, volume, segmentation, card["labels"], overwrite=overwrite)
+
+    def newModelPath(self, model) -> str:
+        """A new file in the user models folder (which the model list reads), never the original."""
         base = pathlib.Path(model or default_model_path())
-        folder = pathlib.Path(os.environ.get("JOINTREGSEG_USER_MODELS", pathlib.Path.home() / "JointRegSegModels"))
+        folder = self.userModelsFolder()
         folder.mkdir(parents=True, exist_ok=True)
         index = 1
         while (folder / f"{base.stem}-ft{index}.safetensors").exists():
@@ -416,7 +753,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         from JointRegSegLib.worker import BackgroundRun
         args = ["finetune", "--init", model or default_model_path(), "--labelled", folder, "--out", output,
                 "--steps", int(steps), "--device", device]
-        return BackgroundRun(args, python=python)
+        return BackgroundRun(args, python=python or self.python)
 
     def finetune(self, model, folder, output, steps=300, device="auto", progress=None, cancel=None, python=None):
         """Blocking fine-tuning; returns (text, improved)."""
@@ -434,10 +771,14 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
                 f"{before.get('segmentation_dice_mean', float('nan')):.3f} → "
                 f"{after.get('segmentation_dice_mean', float('nan')):.3f}<br>"
                 + (f"New model: {path}" if improved else
-                   "The new model is not better; the panel keeps the previous model."))
+                   f"The new model is not better; the panel keeps the previous model (saved as {path})."))
         return text, improved
 
     # --- text for the panel --------------------------------------------------------------------
+    @staticmethod
+    def describeStage(stage: str) -> str:
+        return _(STAGE_WORDS.get(stage, stage[:1].upper() + stage[1:] + "…" if stage else "Working…"))
+
     @staticmethod
     def describeModel(path) -> str:
         try:
@@ -449,42 +790,91 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         data = card.get("data", {})
         sources = "; ".join(s.get("source", s.get("name", "")) for s in data.get("sources", []))
         grid = card["working_grid"]
+        metrics = card.get("metrics", {})
+        figures = []
+        for key, label in (("registration_dice_mean", "registration Dice"),
+                           ("dice_before_registration", "Dice before registration"),
+                           ("segmentation_dice_mean", "segmentation Dice"),
+                           ("folding_percent_mean", "folding %")):
+            if isinstance(metrics.get(key), (int, float)):
+                figures.append(f"{label} {metrics[key]:.3f}")
+        validation = (f"<br>Validation ({metrics.get('validation_pairs', '?')} pairs): " + ", ".join(figures)
+                      + (f"<br><i>{metrics['note']}</i>" if metrics.get("note") else "")) if figures else \
+            "<br>Validation: <i>this model card reports no validation figures</i>"
         return (f"<b>{card.get('name', '')}</b>: {card.get('description', '')}<br>"
                 f"Modality: {card.get('modality', '?')}; working grid {grid['size']} at {grid['spacing']} mm<br>"
                 f"Labels: {labels}<br>"
                 f"Training: {training.get('strategy', '?')}, {len(training.get('labelled_images', []))} labelled "
-                f"images; data: {sources or '?'}")
+                f"images; data: {sources or '?'}" + validation)
 
     @staticmethod
-    def describeQc(qc: dict) -> str:
+    def volumeFlags(qc: dict, label_table=None) -> dict:
+        """Structure -> plausibility warning (or "") for the fixed volumes: a structure not found, a volume
+        outside the model's expected range (label entry "volume_ml": [low, high]) or, lacking that, more than
+        2x away from the same structure in the moving image."""
+        fixed, moving = qc.get("fixed_volumes_ml", {}), qc.get("moving_volumes_ml", {})
+        ranges = {e["name"]: e["volume_ml"] for e in (label_table or qc.get("label_table") or [])
+                  if isinstance(e.get("volume_ml"), (list, tuple)) and len(e["volume_ml"]) == 2}
+        flags = {}
+        for name, value in fixed.items():
+            flag = ""
+            if value <= 0:
+                flag = "not found"
+            elif name in ranges and not ranges[name][0] <= value <= ranges[name][1]:
+                flag = f"outside the expected {ranges[name][0]:g}–{ranges[name][1]:g} ml"
+            elif moving.get(name, 0) > 0 and not 0.5 <= value / moving[name] <= 2.0:
+                flag = f"{value / moving[name]:.1f}× the moving image's ({moving[name]:.1f} ml)"
+            flags[name] = flag
+        return flags
+
+    @classmethod
+    def describeQc(cls, qc: dict) -> str:
         volumes = qc.get("fixed_volumes_ml", {})
-        rows = "".join(f"<tr><td>{name}</td><td align='right'>{value:.1f}</td></tr>" for name, value in volumes.items())
+        moving = qc.get("moving_volumes_ml", {})
+        flags = cls.volumeFlags(qc)
+        rows = "".join(
+            f"<tr><td>{name}</td><td align='right'>{value:.1f}</td>"
+            f"<td align='right'>{moving.get(name, float('nan')):.1f}</td>"
+            f"<td>{'&#9888; ' + flags[name] if flags.get(name) else 'ok'}</td></tr>"
+            for name, value in volumes.items())
         timing = qc.get("timing_s", {})
-        return (f"Folding: {qc['folding_percent']:.4f} % of voxels (det J &le; 0)<br>"
+        folding = qc["folding_percent"]
+        verdict = "ok" if folding < 0.1 else "&#9888; high: check the alignment"
+        return (f"Folding: {folding:.4f} % of voxels (det J &le; 0) — {verdict}<br>"
                 f"Jacobian determinant: {qc['jacobian_min']:.3f} to {qc['jacobian_max']:.3f}<br>"
                 f"Time: {timing.get('total', float('nan')):.1f} s on {qc.get('device', '?')}<br>"
-                f"<table><tr><th>structure (fixed)</th><th>ml</th></tr>{rows}</table>")
+                f"<table><tr><th>structure</th><th>fixed ml</th><th>moving ml</th><th>check</th></tr>{rows}</table>"
+                f"<p><i>{RESEARCH_NOTICE}</i></p>")
 
 
 class JointRegSegTest(ScriptedLoadableModuleTest):
-    """Slicer's self-test: the bundled sample pair through the embedded default model."""
+    """Slicer's self-test: the bundled sample pair through the embedded default model. Offline: the
+    volumes are the module's own files and nothing is installed (pip_ensure is skipped while testing)."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
         self.test_register_and_segment_sample_pair()
 
     def test_register_and_segment_sample_pair(self):
-        from JointRegSegLib.models import REPO_ROOT
-        samples = REPO_ROOT / "Resources" / "SampleData"
-        moving = slicer.util.loadVolume(str(samples / "colin27_t1_brain_2mm.nii.gz"))
-        fixed = slicer.util.loadVolume(str(samples / "itk_subject_t1_brain.nii.gz"))
+        volumes = slicer.modules.volumes.logic()
+        moving = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["moving"][0]), SAMPLE_PAIR["moving"][1])
+        fixed = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["fixed"][0]), SAMPLE_PAIR["fixed"][1])
+        self.assertIsNotNone(moving)
+        self.assertIsNotNone(fixed)
         logic = JointRegSegLogic()
-        logic.installDependencies(askConfirmation=False)
-        results = logic.process(moving, fixed)
+        missing = logic.missingDependencies()
+        self.assertEqual(missing, [], f"install these first (the self-test never downloads): {missing}")
+        results = logic.process(moving, fixed, device="cpu")
         self.assertLess(results.qc["folding_percent"], 0.1)
-        self.assertEqual(results.fixed_segmentation.GetSegmentation().GetNumberOfSegments(),
-                         len(results.qc["label_table"]) - 1)
+        labels = [e for e in results.qc["label_table"] if e["value"] != 0]
+        for role in ("fixed_segmentation", "moving_segmentation", "warped_moving_segmentation"):
+            segmentation = getattr(results, role).GetSegmentation()
+            self.assertEqual(segmentation.GetNumberOfSegments(), len(labels))
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(labels[0]["name"]))
+            self.assertIn("SCT^", segment.GetTag(segment.GetTerminologyEntryTagName()))
+        found = [name for name, ml in results.qc["fixed_volumes_ml"].items() if ml > 0]
+        self.assertGreaterEqual(len(found), len(labels) - 1, f"structures found: {found}")
         self.delayDisplay("JointRegSeg self-test passed")

@@ -1,16 +1,32 @@
-"""Run a `jointregseg` command in a child process: progress from its stderr, cancel that kills the whole
-process tree. Used by the Slicer module so that long work never blocks Slicer's GUI thread; pure Python
-(no torch) so that it imports inside Slicer before the heavy dependencies exist."""
+"""Engine work outside Slicer's process, so that Slicer's GUI thread never blocks.
+
+Two ways, both pure Python here (no torch: this file imports inside Slicer before the heavy
+dependencies exist):
+
+- `BackgroundRun`: one `python -m JointRegSegLib ARGS...` child per job (fine-tuning, scripts).
+- `WarmWorker`: one long-lived `python -m JointRegSegLib.worker serve` child that imports torch and
+  MONAI once, keeps loaded models, and runs Register & Segment requests one after the other
+  (JSON lines on its stdin and stdout). A request is cancelled cooperatively (the engine checks
+  between iterations); if the worker does not stop within a grace period, or dies, it is killed and
+  the next request starts a new one.
+
+Both report progress as (stage, fraction) and state as "running", "done", "failed" or "cancelled".
+"""
 from __future__ import annotations
 
+import atexit
 import collections
+import itertools
+import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from .errors import Cancelled, JointRegSegError
@@ -23,7 +39,73 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-class BackgroundRun:
+def child_environment(env: dict | None = None) -> dict:
+    environment = dict(os.environ if env is None else env)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB_PARENT), environment.get("PYTHONPATH")]))
+    environment.setdefault("PYTHONUNBUFFERED", "1")
+    # The child's messages may hold non-ASCII (file names, units); don't let a C locale garble or crash them.
+    environment["PYTHONIOENCODING"] = "utf-8"
+    return environment
+
+
+def popen_options() -> dict:
+    """Own process group (so cancel reaches the children too) and, on Windows, no console window:
+    the same hidden-window start-up flags as slicer.util.launchConsoleProcess."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    startupinfo = subprocess.STARTUPINFO()
+    startupinfo.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    startupinfo.wShowWindow = subprocess.SW_HIDE
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW,
+            "startupinfo": startupinfo}
+
+
+def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group, then SIGKILL; returns once the process is gone."""
+    if process.poll() is not None:
+        return
+    if os.name == "posix":
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    else:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        process.wait(timeout=30)
+
+
+class _RunState:
+    """wait / raise_for_state shared by a child-per-job run and a request to the warm worker."""
+
+    def wait(self, progress=None, cancel=None, interval_s: float = 0.1) -> None:
+        """Block until the work ends, forwarding progress; raise Cancelled or JointRegSegError."""
+        last = None
+        while self.state == "running":
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+                self.cancel()
+                break
+            if progress is not None and self.progress != last:
+                last = self.progress
+                progress(*last)
+            time.sleep(interval_s)
+        self.raise_for_state()
+
+    def raise_for_state(self) -> None:
+        state = self.state
+        if state == "cancelled":
+            raise Cancelled("cancelled by the user")
+        if state == "failed":
+            raise JointRegSegError(self.error)
+
+
+class BackgroundRun(_RunState):
     """`python -m JointRegSegLib ARGS...` in its own process group.
 
     `state` is "running", "done", "failed" or "cancelled"; `progress` is (stage, fraction) from the
@@ -32,20 +114,13 @@ class BackgroundRun:
 
     def __init__(self, args: list[str], python: str | None = None, env: dict | None = None):
         self.args = [str(a) for a in args]
-        environment = dict(os.environ if env is None else env)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB_PARENT), environment.get("PYTHONPATH")]))
-        environment.setdefault("PYTHONUNBUFFERED", "1")
-        # The child's messages may hold non-ASCII (file names, units); don't let a C locale garble or crash them.
-        environment["PYTHONIOENCODING"] = "utf-8"
         self.progress = ("starting", 0.0)
         self.output = collections.deque(maxlen=200)
         self._cancelled = False
-        options = {"start_new_session": True} if os.name == "posix" else \
-            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self.process = subprocess.Popen([python or python_executable(), "-m", "JointRegSegLib", *self.args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=environment, text=True, encoding="utf-8", errors="replace",
-                                        bufsize=1, **options)
+                                        env=child_environment(env), text=True, encoding="utf-8", errors="replace",
+                                        bufsize=1, **popen_options())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -84,38 +159,349 @@ class BackgroundRun:
         if self.process.poll() is not None:
             return
         self._cancelled = True
-        if os.name == "posix":
-            for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
-                try:
-                    os.killpg(self.process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.process.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        else:
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
-            self.process.wait(timeout=30)
+        kill_process_tree(self.process, grace_s)
         self._reader.join(timeout=5)
 
-    def wait(self, progress=None, cancel=None, interval_s: float = 0.1) -> None:
-        """Block until the child ends, forwarding progress; raise Cancelled or JointRegSegError."""
-        last = None
-        while self.state == "running":
-            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-                self.cancel()
-                break
-            if progress is not None and self.progress != last:
-                last = self.progress
-                progress(*last)
-            time.sleep(interval_s)
-        self.raise_for_state()
 
-    def raise_for_state(self) -> None:
-        state = self.state
-        if state == "cancelled":
-            raise Cancelled("cancelled by the user")
-        if state == "failed":
-            raise JointRegSegError(self.error)
+# --- the warm worker: the parent's side ------------------------------------------------------------
+
+class WorkerTask(_RunState):
+    """One request to a WarmWorker; same interface as BackgroundRun (progress, state, error, cancel, wait)."""
+
+    def __init__(self, worker: "WarmWorker", request_id: str):
+        self.worker, self.id = worker, request_id
+        self.progress = ("starting the engine", 0.0)
+        self.state = "running"
+        self.error = ""
+        self.reply: dict = {}
+        self.process = None               # the worker process it was sent to
+        self.cancelling = False
+        self._finished = threading.Event()
+
+    def _finish(self, state: str, error: str = "", reply: dict | None = None) -> None:
+        if self._finished.is_set():
+            return
+        self.state, self.error, self.reply = state, error, reply or {}
+        self._finished.set()
+
+    def cancel(self, grace_s: float = 10.0) -> None:
+        """Stop this request; returns once it has stopped (the worker stays warm if it stops in time)."""
+        self.worker._cancel(self, grace_s)
+
+
+class WarmWorker:
+    """A long-lived engine process that keeps imports and models loaded between requests.
+
+    `run(args)` sends one Register & Segment request (the `jointregseg run` options as a dict) and returns
+    a WorkerTask. One request at a time. The process starts on the first request (or `start()`), and is
+    started again if it died; `stop()` ends it.
+    """
+
+    def __init__(self, python: str | None = None, env: dict | None = None):
+        self.python, self.env = python, env
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self.info: dict = {}                       # the worker's "ready" message (pid, cuda, ...)
+        self.stderr = collections.deque(maxlen=200)
+        self.task: WorkerTask | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._ready = threading.Event()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.alive else None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and self.task.state == "running"
+
+    def start(self) -> None:
+        with self._lock:
+            if self.alive:
+                return
+            self._ready.clear()
+            self.info = {}
+            self.stderr.clear()
+            process = subprocess.Popen([self.python or python_executable(), "-m", "JointRegSegLib.worker", "serve"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=child_environment(self.env), text=True, encoding="utf-8",
+                                       errors="replace", bufsize=1, **popen_options())
+            self.process = process
+            self.starts += 1
+            threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
+            threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        """Start if needed and wait for the engine to be imported; returns the worker's info."""
+        self.start()
+        deadline = time.time() + timeout_s
+        while not self._ready.wait(0.1):
+            if not self.alive:
+                raise JointRegSegError("the engine process stopped while starting:\n" + "\n".join(list(self.stderr)[-15:]))
+            if time.time() > deadline:
+                raise JointRegSegError(f"the engine process did not start within {timeout_s:.0f} s")
+        return self.info
+
+    def run(self, args: dict) -> WorkerTask:
+        with self._lock:
+            if self.busy:
+                raise JointRegSegError("the engine is busy with another run; wait for it or cancel it")
+            task = WorkerTask(self, str(next(self._ids)))
+            self.task = task
+            message = json.dumps({"command": "run", "id": task.id, "args": args}) + "\n"
+            for attempt in range(2):
+                self.start()
+                try:
+                    self.process.stdin.write(message)
+                    self.process.stdin.flush()
+                    task.process = self.process
+                    break
+                except (BrokenPipeError, OSError, ValueError):   # it died since the last request: a new one
+                    self._kill()
+                    if attempt:
+                        self.task = None
+                        raise JointRegSegError("could not start the engine process") from None
+            return task
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError, AttributeError):
+            pass
+
+    def _cancel(self, task: WorkerTask, grace_s: float) -> None:
+        if task.state != "running":
+            return
+        task.cancelling = True
+        with self._lock:
+            self._send({"command": "cancel", "id": task.id})
+        if not task._finished.wait(grace_s):
+            self._kill()                      # did not stop in time: stop it the hard way
+        task._finish("cancelled")
+
+    def _kill(self) -> None:
+        process = self.process
+        if process is not None:
+            kill_process_tree(process, grace_s=2.0)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the worker (cancelling a running request)."""
+        with self._lock:
+            process = self.process
+            if process is None:
+                return
+            if self.task is not None and self.task.state == "running":
+                self._send({"command": "cancel", "id": self.task.id})
+            self._send({"command": "quit"})
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(process, grace_s=2.0)
+        if self.task is not None:
+            self.task._finish("cancelled")
+
+    # reader threads (one pair per started process)
+    def _read_stderr(self, process) -> None:
+        for line in process.stderr:
+            self.stderr.append(line.rstrip("\n"))
+
+    def _read_events(self, process) -> None:
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                self.stderr.append(line.rstrip("\n"))
+                continue
+            kind, task = event.get("event"), self.task
+            if kind == "ready":
+                self.info = event
+                self._ready.set()
+                continue
+            if task is None or event.get("id") != task.id:
+                continue
+            if kind == "progress":
+                task.progress = (event.get("stage", ""), float(event.get("fraction", 0.0)))
+            elif kind == "done":
+                task._finish("done", reply=event)
+            elif kind == "cancelled":
+                task._finish("cancelled", reply=event)
+            elif kind == "failed":
+                task._finish("failed", error=event.get("error", "the engine failed"), reply=event)
+        process.wait()
+        task = self.task
+        if task is not None and task.state == "running" and task.process is process:
+            if task.cancelling:
+                task._finish("cancelled")
+                return
+            time.sleep(0.2)   # let the stderr reader catch the last words
+            last = "\n".join(list(self.stderr)[-15:])
+            task._finish("failed", error=f"the engine process stopped unexpectedly (exit code {process.returncode})"
+                                         + (f":\n{last}" if last else ""))
+
+
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_worker(python: str | None = None) -> WarmWorker:
+    """The warm worker of this process for `python` (one per interpreter, kept between clicks)."""
+    key = python or python_executable()
+    with _SHARED_LOCK:
+        worker = _SHARED.get(key)
+        if worker is None:
+            worker = _SHARED[key] = WarmWorker(python)
+        return worker
+
+
+def stop_shared_workers() -> None:
+    with _SHARED_LOCK:
+        workers = list(_SHARED.values())
+    for worker in workers:
+        worker.stop()
+
+
+atexit.register(stop_shared_workers)
+
+
+# --- the warm worker: the child's side -------------------------------------------------------------
+
+class _ModelCache:
+    """Checkpoints loaded once per (file, contents on disk)."""
+
+    def __init__(self):
+        self.models: dict = {}
+        self.loads = 0
+        self.requests = 0
+
+    def get(self, path: str, device):
+        from .checkpoint import load_model
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self.models:
+            self.models = {key: load_model(path, device)}     # keep one: models are a few MB, grids are not
+            self.loads += 1
+        return self.models[key]
+
+
+def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send) -> None:
+    from .device import resolve_device
+    from .imageio import read_image
+    from .outputs import write_result
+    from .pipeline import register_and_segment
+    request_id, args = request["id"], request["args"]
+
+    def progress(stage, fraction):
+        send({"event": "progress", "id": request_id, "stage": stage, "fraction": float(fraction)})
+
+    model_path = args.get("model")
+    if model_path is None:
+        from .models import default_model_path
+        model_path = default_model_path()
+    started = time.perf_counter()
+    moving = read_image(args["moving"], "moving")
+    fixed = read_image(args["fixed"], "fixed")
+    guide = None
+    if args.get("guide_moving_labels") or args.get("guide_fixed_labels"):
+        if not (args.get("guide_moving_labels") and args.get("guide_fixed_labels")):
+            raise JointRegSegError("label guidance needs both a moving and a fixed label map")
+        guide = (read_image(args["guide_moving_labels"], "moving guidance labels"),
+                 read_image(args["guide_fixed_labels"], "fixed guidance labels"))
+    device = args.get("device", "auto")
+    model = cache.get(model_path, resolve_device(device))
+    result = register_and_segment(moving, fixed, model, device=device, affine=bool(args.get("affine", True)),
+                                  refine_iterations=int(args.get("refine", 0)),
+                                  refine_similarity=args.get("similarity"), guide_labels=guide,
+                                  progress=progress, cancel=cancel)
+    progress("save results", 0.0)
+    if cancel.is_set():
+        raise Cancelled("cancelled by the user")
+    write_result(result, args["out"], extra_qc={"inputs": {"moving": str(args["moving"]), "fixed": str(args["fixed"]),
+                                                           "model": str(model_path)}})
+    progress("save results", 1.0)
+    send({"event": "done", "id": request_id, "seconds": round(time.perf_counter() - started, 3),
+          "worker": {"pid": os.getpid(), "model_loads": cache.loads, "requests": cache.requests}})
+
+
+def serve(stdin=None) -> int:
+    """The warm worker's loop: JSON requests on stdin, JSON events on the original stdout.
+
+    Requests: {"command": "run", "id": ID, "args": {moving, fixed, out, model, device, affine, refine,
+    similarity, guide_moving_labels, guide_fixed_labels}}, {"command": "cancel", "id": ID}, {"command": "quit"}.
+    Events: ready, progress, done, cancelled, failed (with "error").
+    """
+    import warnings
+    stdin = stdin or sys.stdin
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)                     # whatever libraries print goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    send_lock = threading.Lock()
+
+    def send(message: dict) -> None:
+        with send_lock:
+            events.write(json.dumps(message) + "\n")
+            events.flush()
+
+    warnings.filterwarnings("ignore", message=".*native grid_sample.*")
+    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+    import torch  # noqa: F401  (the expensive imports, once)
+    from . import pipeline  # noqa: F401
+    requests: queue.Queue = queue.Queue()
+    cancels: dict[str, threading.Event] = {}
+
+    def read_requests():
+        for line in stdin:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            command = message.get("command")
+            if command == "cancel":
+                cancels.setdefault(str(message.get("id")), threading.Event()).set()
+            elif command == "quit":
+                break
+            elif command == "run":
+                cancels.setdefault(str(message["id"]), threading.Event())
+                requests.put(message)
+        requests.put(None)
+
+    threading.Thread(target=read_requests, daemon=True).start()
+    send({"event": "ready", "pid": os.getpid(), "cuda": bool(torch.cuda.is_available()),
+          "python": sys.executable})
+    cache = _ModelCache()
+    while True:
+        request = requests.get()
+        if request is None:
+            return 0
+        request_id = str(request["id"])
+        cancel = cancels[request_id]
+        cache.requests += 1
+        try:
+            if cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            _handle_run(request, cancel, cache, send)
+        except Cancelled:
+            send({"event": "cancelled", "id": request_id})
+        except JointRegSegError as err:
+            send({"event": "failed", "id": request_id, "error": str(err)})
+        except Exception as err:           # report it, stay alive for the next request
+            traceback.print_exc()
+            send({"event": "failed", "id": request_id, "error": f"{type(err).__name__}: {err}"})
+        finally:
+            cancels.pop(request_id, None)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        sys.exit(serve())
+    sys.exit("usage: python -m JointRegSegLib.worker serve")

@@ -4,8 +4,11 @@ so that the module file imports and its Logic runs on the real scene."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import pathlib
 import sys
 import types
+import typing
 import unittest
 from pathlib import Path
 
@@ -74,13 +77,138 @@ class _ScriptedLoadableModuleLogic:
         return node
 
 
+def _base_type(annotation):
+    """`Annotated[int, WithinRange(...)]` -> int; plain types unchanged."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+
+
 def _parameter_node_wrapper(cls):
+    """Like Slicer's parameterNodeWrapper: values live in the MRML parameter node (node references for
+    MRML nodes, serialized parameters otherwise), so they go away when the scene is cleared, as in Slicer."""
+    annotations = dict(cls.__annotations__)
+    defaults = {key: getattr(cls, key, None) for key in annotations}
+
+    def make_property(key, base):
+        if isinstance(base, type) and issubclass(base, slicer.vtkMRMLNode):
+            def get(self):
+                return self.parameterNode.GetNodeReference(key)
+
+            def set_(self, value):
+                self.parameterNode.SetNodeReferenceID(key, value.GetID() if value is not None else None)
+        else:
+            def get(self):
+                text = self.parameterNode.GetParameter(key)
+                if not text:
+                    return defaults[key] if base is not pathlib.Path else pathlib.Path(".")
+                value = json.loads(text)
+                return pathlib.Path(value) if base is pathlib.Path else value
+
+            def set_(self, value):
+                if value is not None and base is not pathlib.Path and not isinstance(value, base):
+                    raise TypeError(f"{key}: expected {base.__name__}, got {type(value).__name__}")
+                self.parameterNode.SetParameter(key, json.dumps(str(value) if isinstance(value, pathlib.PurePath)
+                                                                else value))
+        return property(get, set_)
+
+    for key, annotation in annotations.items():
+        setattr(cls, key, make_property(key, _base_type(annotation)))
+
     def __init__(self, node=None):
         self.parameterNode = node
-        for key in cls.__annotations__:
-            setattr(self, key, getattr(cls, key, None))
+
     cls.__init__ = __init__
+    for method in ("AddObserver", "RemoveObserver", "HasObserver", "Modified"):   # as Slicer's wrapper: the node's
+        setattr(cls, method, lambda self, *args, _m=method: getattr(self.parameterNode, _m)(*args))
+    cls.connectGui = lambda self, gui: object()          # the GUI binding is Qt's; nothing to bind here
+    cls.disconnectGui = lambda self, tag: None
     return cls
+
+
+class FakeWidget:
+    """What the module does to a Qt widget, recorded: enough of QPushButton, QLabel, QComboBox, QProgressBar,
+    QListWidget and ctkPathLineEdit for the Widget's slots to run on the real scene."""
+
+    def __init__(self, name):
+        self.name, self.enabled, self.visible, self.text, self.toolTip = name, True, True, "", ""
+        self.value, self.format, self.items, self.currentIndex, self._blocked = 0, "", [], -1, False
+        self.connections = {}
+
+    def connect(self, signal, slot):
+        self.connections.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in self.connections.get(signal, []):
+            slot(*args)
+
+    def click(self):
+        assert self.enabled, f"{self.name} is disabled"
+        self.emit("clicked(bool)", False)
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+    def setFormat(self, text):
+        self.format = text
+
+    def blockSignals(self, blocked):
+        previous, self._blocked = self._blocked, blocked
+        return previous
+
+    # combo box / list widget
+    def clear(self):
+        self.items, self.currentIndex = [], -1
+
+    def addItem(self, text, data=None):
+        self.items.append((text, data))
+        if self.currentIndex < 0:
+            self.setCurrentIndex(0)
+
+    def insertItem(self, index, text, data=None):
+        self.items.insert(index, (text, data))
+
+    def count(self):
+        return len(self.items)
+
+    def itemText(self, index):
+        return self.items[index][0] if 0 <= index < len(self.items) else ""
+
+    def itemData(self, index):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def findData(self, data):
+        return next((i for i, item in enumerate(self.items) if item[1] == data), -1)
+
+    def setCurrentIndex(self, index):
+        self.currentIndex = index
+        if not self._blocked:
+            self.emit("currentIndexChanged(int)", index)
+
+    def texts(self):
+        return [item[0] for item in self.items]
+
+
+class FakeUi:
+    """childWidgetVariables(...) stand-in: any widget name gives a FakeWidget (the .ui test checks the names)."""
+
+    def __getattr__(self, name):
+        widget = FakeWidget(name)
+        setattr(self, name, widget)
+        return widget
+
+
+def make_widget(module, ctx):
+    """The module's Widget set up on FakeUi over the real scene (as after setup() in Slicer)."""
+    widget = module.JointRegSegWidget(types.SimpleNamespace(isEntered=True))
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    widget.errors, widget.answers = [], []
+    widget.showError = widget.errors.append
+    widget.confirm = lambda text: (widget.answers.append(text), widget.confirm_answer)[1]
+    widget.confirm_answer = True
+    widget.setupWith(FakeUi())
+    return widget
 
 
 def import_module_file(monkeypatch):
@@ -89,9 +217,13 @@ def import_module_file(monkeypatch):
         def __init__(self, parent=None):
             self.parent = parent or types.SimpleNamespace()
 
+    class Test(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
     slm = _stub("slicer.ScriptedLoadableModule", ScriptedLoadableModule=Base, ScriptedLoadableModuleWidget=Base,
                 ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest=unittest.TestCase)
+                ScriptedLoadableModuleTest=Test)
     stubs = {"qt": _stub("qt"), "ctk": _stub("ctk"), "slicer.ScriptedLoadableModule": slm,
              "slicer.parameterNodeWrapper": _stub("slicer.parameterNodeWrapper",
                                                   parameterNodeWrapper=_parameter_node_wrapper),
