@@ -1,0 +1,419 @@
+"""`jointregseg batch`: register and segment a cohort of pairs listed in a CSV, loading the model once.
+
+Each pair's outputs go to OUT/<name>/ exactly as `jointregseg run` writes them (the same code writes
+them). Complete pairs are skipped when the command runs again; a pair that fails is listed in
+OUT/summary.csv and the others go on. While one pair is computed, a background thread reads the next.
+Under torchrun each rank takes every WORLD_SIZE-th row (by row number) and rank 0 merges the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JointRegSegError
+
+SUMMARY_NAME = "summary.csv"
+SUMMARY_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "folding_percent", "jacobian_min",
+                  "jacobian_max", "device", "refine_iterations", "out"]
+PATH_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels")
+# per-row overrides of the command line's run options (column name = option name, - or _)
+ROW_OPTIONS = ("refine", "similarity", "no_affine", "report")
+# run options that apply to the whole batch and are not copied from `run`'s parser as they are
+_PAIR_ARGUMENTS = {"moving", "fixed", "out", "guide_moving_labels", "guide_fixed_labels", "help"}
+REPORT_FILES = ("report.md", "qc_overview.png")  # what --report adds to a pair's folder
+_TRUE, _FALSE = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off"}
+# ranks wait for each other only at the very end; a slow shard may take days
+_GROUP_TIMEOUT_S = 7 * 24 * 3600
+
+
+@dataclass
+class Pair:
+    row: int                      # 1-based row number in the CSV, header excluded
+    name: str
+    moving: Path
+    fixed: Path
+    moving_labels: Path | None = None
+    fixed_labels: Path | None = None
+    options: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- reading the CSV
+
+def _bool(text: str, where: str, column: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise JointRegSegError(f"{where}: column {column!r} must be yes/no (1/0, true/false), got {text!r}")
+
+
+def _row_option(action: argparse.Action, text: str, where: str, column: str):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return _bool(text, where, column)
+    value = text.strip()
+    if action.type is not None:
+        try:
+            value = action.type(value)
+        except argparse.ArgumentTypeError as err:
+            raise JointRegSegError(f"{where}: column {column!r}: {err}") from None
+        except (TypeError, ValueError):
+            raise JointRegSegError(f"{where}: column {column!r} has an invalid value {text!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise JointRegSegError(f"{where}: column {column!r} must be one of {', '.join(map(str, action.choices))}, "
+                               f"got {text!r}")
+    if action.dest == "refine" and value < 0:
+        raise JointRegSegError(f"{where}: column 'refine' must be 0 or more, got {text!r}")
+    return value
+
+
+def _check_name(name: str, where: str) -> None:
+    if not name:
+        raise JointRegSegError(f"{where}: the name is empty; every pair needs a name (its output folder)")
+    if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0") or name == SUMMARY_NAME:
+        raise JointRegSegError(f"{where}: name {name!r} cannot be a folder name inside the output folder "
+                               "(no slashes, not starting with '.')")
+
+
+def read_pairs(csv_path: str | os.PathLike, options: dict[str, argparse.Action] | None = None) -> list[Pair]:
+    """Every pair in the CSV, validated as a whole before any work starts (paths relative to the CSV).
+
+    `options` maps a row-option column to the argparse action that parses it (its type and choices).
+    Missing or unreadable image files are not checked here: they fail their own pair only.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise JointRegSegError(f"pairs file not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = [r for r in reader if any(cell.strip() for cell in r)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise JointRegSegError(f"{csv_path}: not a readable CSV file ({err})") from None
+    if not header:
+        raise JointRegSegError(f"{csv_path}: the file is empty; expected a header row name,moving,fixed")
+    columns = [c.strip().lower().replace("-", "_") for c in header]
+    missing = [c for c in ("name", "moving", "fixed") if c not in columns]
+    if missing:
+        raise JointRegSegError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header has "
+                               f"{', '.join(columns)} (needed: name, moving, fixed)")
+    options = options or {}
+    unknown = [c for c in columns if c not in ("name", *PATH_COLUMNS, *options)]
+    if unknown:
+        raise JointRegSegError(f"{csv_path}: unknown column(s) {', '.join(unknown)}; allowed: name, "
+                               f"{', '.join(PATH_COLUMNS)} and the per-pair options {', '.join(options)}")
+    if len(set(columns)) != len(columns):
+        raise JointRegSegError(f"{csv_path}: a column appears twice in the header: {', '.join(columns)}")
+    if not rows:
+        raise JointRegSegError(f"{csv_path}: no pairs listed under the header")
+    pairs, seen = [], {}
+    for number, cells in enumerate(rows, start=1):
+        if len(cells) > len(columns):
+            raise JointRegSegError(f"{csv_path}, row {number}: {len(cells)} cells but {len(columns)} columns")
+        values = {c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)}
+        where = f"{csv_path}, row {number}" + (f" ({values['name']})" if values["name"] else "")
+        _check_name(values["name"], where)
+        if values["name"] in seen:
+            raise JointRegSegError(f"{where}: name {values['name']!r} is also used on row {seen[values['name']]}; "
+                                   "names must be unique (each is an output folder)")
+        seen[values["name"]] = number
+        for column in ("moving", "fixed"):
+            if not values[column]:
+                raise JointRegSegError(f"{where}: the {column} image is empty")
+        if bool(values.get("moving_labels")) != bool(values.get("fixed_labels")):
+            raise JointRegSegError(f"{where}: label guidance needs both moving_labels and fixed_labels")
+        paths = {c: (csv_path.parent / values[c]).resolve() if values.get(c) else None for c in PATH_COLUMNS}
+        row_options = {c: _row_option(options[c], values[c], where, c) for c in options if values.get(c)}
+        pairs.append(Pair(row=number, name=values["name"], options=row_options, **paths))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- one pair
+
+def pair_arguments(args: argparse.Namespace, pair: Pair, out_dir: Path) -> argparse.Namespace:
+    """The `run` arguments for one pair: the command line's options, the row's overrides, its paths."""
+    values = {**vars(args), **pair.options, "model": str(args.model), "moving": str(pair.moving), "fixed": str(pair.fixed),
+              "out": str(out_dir / pair.name),
+              "guide_moving_labels": str(pair.moving_labels) if pair.moving_labels else None,
+              "guide_fixed_labels": str(pair.fixed_labels) if pair.fixed_labels else None}
+    return argparse.Namespace(**values)
+
+
+def signature(pair_args: argparse.Namespace, model) -> dict:
+    """What a pair's outputs depend on; kept in its qc.json so a later call knows whether they are current."""
+    return {"moving": pair_args.moving, "fixed": pair_args.fixed, "moving_labels": pair_args.guide_moving_labels,
+            "fixed_labels": pair_args.guide_fixed_labels, "model": str(Path(pair_args.model).resolve()),
+            "model_weights_sha256": model.card.get("weights_sha256"), "refine": int(pair_args.refine),
+            "similarity": pair_args.similarity, "no_affine": bool(pair_args.no_affine),
+            "report": bool(pair_args.report)}
+
+
+def previous_outputs(out: Path, wanted: dict) -> tuple[str, dict | None]:
+    """What `out` holds: ('complete', qc) every output made with `wanted` (the pair is skipped); ('partial',
+    None) only outputs of this same pair, some missing (recomputed); ('missing', None) nothing; ('other',
+    None) outputs of other inputs or options, or other files (recomputed only with --overwrite)."""
+    from .outputs import OUTPUT_FILES
+    if not out.is_dir() or not any(out.iterdir()):
+        return "missing", None
+    names = list(OUTPUT_FILES.values()) + (list(REPORT_FILES) if wanted["report"] else [])
+    try:
+        qc = json.loads((out / OUTPUT_FILES["qc"]).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        qc = None
+    except (OSError, ValueError):
+        return "other", None
+    if qc is not None and (not isinstance(qc, dict) or qc.get("batch") != wanted):
+        return "other", None
+    if qc is not None and all((out / name).is_file() for name in names):
+        return "complete", qc
+    known = set(OUTPUT_FILES.values()) | set(REPORT_FILES)
+    return ("partial" if all(p.name in known for p in out.iterdir()) else "other"), None
+
+
+def _number(value, digits: int):
+    return "" if value is None else round(float(value), digits)
+
+
+def _qc_fields(qc: dict) -> dict:
+    """The key QC numbers of a pair for the summary."""
+    return {"engine_seconds": _number((qc.get("timing_s") or {}).get("total"), 2),
+            "folding_percent": _number(qc.get("folding_percent"), 5),
+            "jacobian_min": _number(qc.get("jacobian_min"), 4), "jacobian_max": _number(qc.get("jacobian_max"), 4),
+            "device": qc.get("device", ""), "refine_iterations": qc.get("refine_iterations", "")}
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, JointRegSegError):
+        return " ".join(str(err).split())
+    return f"{type(err).__name__}: {' '.join(str(err).split()) or 'no message'}"
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """Write the summary CSV atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_summary(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _rank_summary_path(out: Path, rank: int, world: int) -> Path:
+    return out / f".summary.rank{rank}-of-{world}.csv"
+
+
+# ---------------------------------------------------------------------------------------------- distribution
+
+def ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it."""
+    try:
+        return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as err:
+        raise JointRegSegError(f"RANK/WORLD_SIZE/LOCAL_RANK from torchrun are not numbers: {err}") from None
+
+
+def rank_device(device: str, local_rank: int, world: int) -> str:
+    """Under torchrun each rank of a machine takes its own GPU (when the device is auto or bare cuda)."""
+    import torch
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def _merge_after_barrier(out: Path, rank: int, world: int, order: dict[str, int], failures: int) -> int:
+    """Wait for every rank; rank 0 merges the ranks' summaries; returns the failures of all ranks."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=_GROUP_TIMEOUT_S))
+    try:
+        dist.barrier()
+        if rank == 0:
+            rows = []
+            for other in range(world):
+                part = _rank_summary_path(out, other, world)
+                if not part.is_file():
+                    raise JointRegSegError(f"rank {other} wrote no summary ({part}); its pairs are not listed")
+                rows += read_summary(part)
+            rows.sort(key=lambda r: order.get(r["name"], math.inf))
+            write_summary(out / SUMMARY_NAME, rows)
+            for other in range(world):
+                _rank_summary_path(out, other, world).unlink(missing_ok=True)
+        total = torch.tensor([failures], dtype=torch.int64)
+        dist.all_reduce(total)  # also waits until rank 0 has merged, so no rank exits before that
+        return int(total.item())
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------- command
+
+def _progress_bar(total: int, initial: int, rank: int, world: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="pair", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                desc=f"rank {rank}/{world}" if world > 1 else "batch", position=0, leave=True)
+
+
+def _cmd_batch(args) -> int:
+    from . import import_monai_lean
+    from .cli import check_overlap, check_run_resources, read_run_inputs, run_and_write, validate_run_options
+    from .threads import configure_threads, describe
+
+    rank, world, local_rank = ranks()
+    pairs = read_pairs(args.pairs, args.row_options)
+    out = Path(args.out)
+    for pair in pairs:  # option combinations `run` refuses are refused for the whole batch, before any work
+        try:
+            validate_run_options(pair_arguments(args, pair, out))
+        except JointRegSegError as err:
+            raise JointRegSegError(f"{args.pairs}, row {pair.row} ({pair.name}): {err}") from None
+    if out.exists() and not out.is_dir():
+        raise JointRegSegError(f"--out {out} is a file, not a folder; choose a folder")
+    order = {pair.name: i for i, pair in enumerate(pairs)}
+    shard = pairs[rank::world] if world > 1 else pairs
+
+    choice = configure_threads(args.threads, warmup=import_monai_lean)  # before anything imports MONAI
+    from tqdm import tqdm
+
+    from .checkpoint import load_model
+    from .device import resolve_device
+    args.device = rank_device(args.device, local_rank, world)
+    model = load_model(args.model, resolve_device(args.device), trust_unsigned=getattr(args, "trust_unsigned", False))
+    out.mkdir(parents=True, exist_ok=True)
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    print(f"{who}{len(shard)} of {len(pairs)} pairs, model {model.card.get('name', args.model)}, "
+          f"device {args.device}, {describe(choice)}", file=sys.stderr, flush=True)
+
+    # what each pair needs and what is already there (complete pairs are not read again)
+    rows, todo = {}, []
+    for pair in shard:
+        pair_args = pair_arguments(args, pair, out)
+        wanted = signature(pair_args, model)
+        state, qc = previous_outputs(Path(pair_args.out), wanted)
+        rows[pair.name] = {"name": pair.name, "out": pair_args.out, "status": "pending", "error": "", "seconds": ""}
+        if state == "complete":
+            rows[pair.name].update(status="skipped", **_qc_fields(qc))
+            continue
+        # our own unfinished outputs are replaced; outputs of other inputs or options only with --overwrite
+        pair_args.overwrite = bool(getattr(args, "overwrite", False)) or state == "partial"
+        todo.append((pair, pair_args, wanted, state))
+    summary_path = _rank_summary_path(out, rank, world) if world > 1 else out / SUMMARY_NAME
+
+    def save():
+        write_summary(summary_path, [rows[p.name] for p in shard])
+
+    save()
+    failures = 0
+    bar = _progress_bar(len(shard), len(shard) - len(todo), rank, world)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jointregseg-prefetch")
+    try:
+        upcoming = reader.submit(read_run_inputs, todo[0][1]) if todo else None
+        for index, (pair, pair_args, wanted, state) in enumerate(todo):
+            inputs = upcoming
+            # start reading the next pair now: it overlaps with this pair's registration
+            upcoming = reader.submit(read_run_inputs, todo[index + 1][1]) if index + 1 < len(todo) else None
+            row = rows[pair.name]
+            stage_seen = [None]
+
+            def progress(stage, _fraction, name=pair.name):
+                if stage != stage_seen[0]:
+                    stage_seen[0] = stage
+                    bar.set_postfix_str(f"{name}: {stage}")
+
+            began = time.perf_counter()
+            bar.set_postfix_str(f"{pair.name}: reading")
+            try:
+                if state == "other" and not pair_args.overwrite:
+                    raise JointRegSegError(f"{pair_args.out} holds outputs of other inputs or options (or other "
+                                           "files); pass --overwrite to replace them")
+                check_run_resources(pair_args)
+                moving, fixed, guide = inputs.result()
+                if pair_args.no_affine:
+                    check_overlap(moving, fixed)
+                result, _written = run_and_write(pair_args, moving, fixed, guide, model=model, progress=progress,
+                                                 extra_qc={"batch": wanted})
+            except (KeyboardInterrupt, SystemExit):
+                row.update(status="cancelled", seconds=round(time.perf_counter() - began, 2))
+                raise
+            except Exception as err:  # noqa: BLE001  one pair's failure must not stop the cohort
+                failures += 1
+                row.update(status="failed", error=_error_text(err), seconds=round(time.perf_counter() - began, 2))
+                tqdm.write(f"{pair.name}: FAILED: {row['error']}", file=sys.stderr)
+                if not isinstance(err, JointRegSegError):
+                    tqdm.write("".join(traceback.format_exception(err)).rstrip(), file=sys.stderr)
+            else:
+                row.update(status="done", seconds=round(time.perf_counter() - began, 2), **_qc_fields(result.qc))
+                tqdm.write(f"{pair.name}: done in {row['seconds']:.1f} s, folding {row['folding_percent']}%, "
+                           f"det J [{row['jacobian_min']}, {row['jacobian_max']}]", file=sys.stderr)
+            finally:
+                moving = fixed = guide = result = None  # noqa: F841  free this pair before the next one
+                save()
+            bar.update(1)
+    finally:
+        bar.close()
+        reader.shutdown(wait=True, cancel_futures=True)
+        save()
+
+    if world > 1:
+        failures = _merge_after_barrier(out, rank, world, order, failures)
+    if rank == 0:
+        final = read_summary(out / SUMMARY_NAME)
+        counts = {status: sum(r["status"] == status for r in final) for status in ("done", "skipped", "failed")}
+        print(f"batch: {counts['done']} done, {counts['skipped']} skipped (complete before), "
+              f"{counts['failed']} failed; summary: {out / SUMMARY_NAME}")
+    if failures and not args.allow_failures:
+        if rank == 0:
+            print(f"jointregseg batch: {failures} pair(s) failed (see {out / SUMMARY_NAME}); exit code 1 "
+                  "(--allow-failures makes it 0)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    """Add `batch` with every option of `run` except the per-pair paths (they come from the CSV)."""
+    batch = sub.add_parser("batch", help="run a cohort of pairs from a CSV with one model load (resumable; "
+                                         "shards over torchrun ranks)",
+                           description="Register and segment every pair of a CSV (columns name, moving, fixed; "
+                                       "optional moving_labels, fixed_labels and per-pair "
+                                       f"{', '.join(ROW_OPTIONS)}; paths relative to the CSV). Outputs: "
+                                       "OUT/<name>/ as `run` writes them, and OUT/summary.csv. Exit code 0 when "
+                                       "every pair is done, 1 when some failed, 2 for a bad command or CSV.")
+    batch.add_argument("--pairs", required=True, metavar="PAIRS.csv", help="the pairs to run")
+    batch.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<name>/, DIR/summary.csv")
+    batch.add_argument("--allow-failures", action="store_true",
+                       help="exit 0 even when some pairs failed (they are listed in summary.csv)")
+    run = sub.choices.get("run")
+    if run is None:
+        raise JointRegSegError("internal: `batch` is registered before `run`")
+    row_options = {}
+    for action in run._actions:  # the same options as `run`, so the two never drift apart
+        if action.dest in _PAIR_ARGUMENTS:
+            continue
+        shared = copy.copy(action)
+        batch._add_action(shared)
+        if action.dest in ROW_OPTIONS:
+            row_options[action.dest] = shared
+    batch.set_defaults(func=_cmd_batch, row_options=row_options)
