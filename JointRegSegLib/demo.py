@@ -6,12 +6,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from .imageio import read_image
+from .imageio import check_output_dir, read_image
 from .models import REPO_ROOT, default_model_path
 from .outputs import write_result
 from .pipeline import register_and_segment
 from .progress import stderr_progress
-from .report import write_report
 
 SAMPLES = REPO_ROOT / "Resources" / "SampleData"
 
@@ -24,6 +23,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*native grid_sample.*")
     warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+    # the demo replaces its own earlier outputs (never other files in the folder)
+    check_output_dir(args.out, overwrite=True)
     moving = read_image(SAMPLES / "colin27_t1_brain_2mm.nii.gz", "moving")
     fixed = read_image(SAMPLES / "itk_subject_t1_brain.nii.gz", "fixed")
     model = default_model_path()
@@ -33,13 +34,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     written = write_result(result, out, extra_qc={"inputs": {"moving": "colin27_t1_brain_2mm.nii.gz",
                                                              "fixed": "itk_subject_t1_brain.nii.gz",
-                                                             "model": model.name}})
-    written["report"] = write_report(result, fixed, out)
-    written["picture"] = out / "qc_overview.png"
+                                                             "model": model.name}},
+                           report_fixed=fixed, replace=True)
     for key, path in written.items():
         print(f"{key:28s} {path}")
     qc = result.qc
     print(f"folding {qc['folding_percent']:.4f} %, total {qc['timing_s']['total']:.1f} s on {qc['device']}")
+    for flag in qc.get("volume_flags", []):
+        print(f"warning: {flag}")
     return 0
 
 

@@ -57,7 +57,7 @@ def test_card_architecture_not_matching_weights(tmp_path, tiny_model):
     path = tmp_path / "mismatch.safetensors"
     save_file(tensors, str(path), metadata={CARD_KEY: json.dumps(card)})
     with pytest.raises(CheckpointError, match="does not match the stored weights"):
-        load_model(path)
+        load_model(path, trust_unsigned=True)
 
 
 def test_missing_file_and_missing_card(tmp_path, tiny_model):

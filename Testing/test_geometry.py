@@ -86,3 +86,26 @@ def test_segmentations_live_on_their_own_grids(tiny_model):
         np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-6)
     values = set(np.unique(sitk.GetArrayFromImage(result.fixed_segmentation)))
     assert values <= {0, 1, 2}
+
+
+# issue 14, item 12: the same physical images stored with other voxel orders give the same transform ------
+
+def _reorder(image, permutation, flips):
+    return sitk.Flip(sitk.PermuteAxes(image, permutation), flips)
+
+
+def test_results_do_not_depend_on_storage_order(sample_brain):
+    center = physical_center(sample_brain)
+    fixed_grid = make_grid((64, 64, 48), (3.0, 3.2, 3.5), rotation((6, -4, 10)), center)
+    fixed, _ = warp_by(sample_brain, fixed_grid, known_mapping(center))
+    moving = sitk.Resample(sample_brain, make_grid((70, 80, 60), (2.6, 2.6, 2.6), np.eye(3), center),
+                           sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    model = new_model(BRAIN_CARD)
+    reference = register_and_segment(moving, fixed, model)
+    reordered = register_and_segment(_reorder(moving, [1, 2, 0], [True, False, True]),
+                                     _reorder(fixed, [2, 0, 1], [False, True, True]), model)
+    points = physical_points(fixed_grid)[::4, ::4, ::4].reshape(-1, 3)
+    a, b = reference.transform, reordered.transform
+    distance = np.array([np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p))) for p in points])
+    print(f"storage order: median {np.median(distance):.4f} mm, max {distance.max():.4f} mm")
+    assert distance.max() < 0.1

@@ -70,14 +70,27 @@ def pair_files(tmp_path, phantom_pair):
 def test_cli_run_writes_every_output(tmp_path, pair_files, tiny_checkpoint, capsys):
     out = tmp_path / "result"
     code = main(["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]),
-                 "--model", str(tiny_checkpoint), "--out", str(out), "--refine", "3"])
+                 "--model", str(tiny_checkpoint), "--out", str(out), "--refine", "3", "--report"])
     assert code == 0
     for name in OUTPUT_FILES.values():
         assert (out / name).is_file(), name
     qc = json.loads((out / "qc.json").read_text(encoding="utf-8"))
     assert {"folding_percent", "jacobian_min", "fixed_volumes_ml", "timing_s", "device"} <= set(qc)
     assert qc["device"] == "cpu" and qc["refine_iterations"] == 3
-    assert "PROGRESS" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "PROGRESS" in captured.err
+    # issue 14, item 13: --report says where the picture is
+    assert f"picture: {out / 'qc_overview.png'}" in captured.out and (out / "qc_overview.png").is_file()
+    # issue 14, item 11: the affine centre is stored, and matrix + translation + centre rebuild the affine
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(qc["affine_matrix"])
+    affine.SetTranslation(qc["affine_translation_mm"])
+    affine.SetCenter(qc["affine_center_mm"])
+    composite = sitk.ReadTransform(str(out / "transform.h5"))
+    stored = sitk.CompositeTransform(composite).GetNthTransform(0)
+    for point in [(0.0, 0.0, 0.0), (30.0, -20.0, 10.0), (-40.0, 25.0, -15.0)]:
+        np.testing.assert_allclose(affine.TransformPoint(point), stored.TransformPoint(point), atol=1e-6)
+    assert np.linalg.norm(np.array(qc["affine_center_mm"])) > 1.0  # a real centre, not the origin
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 

@@ -42,3 +42,36 @@ def test_label_volumes_and_dice():
     other = np.zeros_like(labels)
     other[:10, :5] = 2
     assert dice_per_label(labels, other, table)["b"] == pytest.approx(2 * 250 / (500 + 500))
+
+
+def test_implausible_volumes_are_flagged():
+    # issue 14, item 6: an 8x8x8 input, a structure bigger than the anatomy, fixed vs moving x10
+    import SimpleITK as sitk
+    from JointRegSegLib.qc import volume_flags
+    table = [{"value": 0, "name": "bg", "color": [0, 0, 0]}, {"value": 1, "name": "pallidum", "color": [1, 0, 0]},
+             {"value": 2, "name": "thalamus", "color": [0, 1, 0], "volume_ml": [4, 12]}]
+    tiny = sitk.GetImageFromArray(np.pad(np.ones((6, 6, 6), np.float32), 1))
+    tiny.SetSpacing((10.0, 10.0, 10.0))
+    flags = volume_flags({"pallidum": 1443.0, "thalamus": 6.0}, {"pallidum": 2.0, "thalamus": 6.5}, tiny, tiny,
+                         table)
+    text = " | ".join(flags)
+    assert "8x8x8 voxels" in text
+    assert "pallidum: 1443.0 ml in the fixed image is more than all its anatomy (216.0 ml)" in text
+    assert "pallidum: 1443.00 ml in the fixed image vs 2.00 ml" in text
+    big = sitk.GetImageFromArray(np.pad(np.ones((60, 60, 60), np.float32), 2))
+    assert volume_flags({"pallidum": 2.1, "thalamus": 7.0}, {"pallidum": 1.9, "thalamus": 7.5}, big, big,
+                        table) == []
+    out_of_range = volume_flags({"pallidum": 2.1, "thalamus": 26.7}, {"pallidum": 1.9, "thalamus": 25.0}, big, big,
+                                table)
+    assert out_of_range == ["thalamus: 26.70 ml in the fixed image is outside the expected 4-12 ml",
+                            "thalamus: 25.00 ml in the moving image is outside the expected 4-12 ml"]
+
+
+def test_pipeline_reports_volume_flags(tiny_model):
+    import SimpleITK as sitk
+    from JointRegSegLib import register_and_segment
+    rng = np.random.default_rng(0)
+    small = sitk.GetImageFromArray((rng.random((8, 8, 8)) * 100).astype(np.float32))
+    small.SetSpacing((6.0, 6.0, 6.0))
+    result = register_and_segment(small, small, tiny_model, affine=False)
+    assert any("8x8x8 voxels" in flag for flag in result.qc["volume_flags"])
