@@ -300,3 +300,18 @@ def test_pcreg_reverse_teaching_both_directions():
             compute()
     assert any(m in data.labels for m, _ in taught) and any(f in data.labels for _, f in taught)
     assert all((m in data.labels) != (f in data.labels) for m, f in taught)
+
+
+def test_shipped_configs_name_only_weights_their_strategy_uses():
+    """A renamed or dropped loss weight in a config would otherwise be ignored silently."""
+    import json
+    from pathlib import Path
+
+    from JointRegSegLib.training.strategies import STRATEGIES
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
+    assert configs
+    for path in configs:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        strategy = STRATEGIES[config.get("strategy", "deepatlas")]
+        unknown = set(config.get("weights", {})) - set(strategy.weights)
+        assert not unknown, (path.name, unknown)

@@ -71,6 +71,10 @@ def test_deepatlas_training_writes_a_documented_checkpoint(tmp_path, tiny_datase
     assert card["training"]["labelled_images"] == ["s0"]
     assert card["training"]["unlabelled_images"] == 4
     assert card["data"]["sources"] == [{"name": "phantom"}]
+    summary = card["data"]["summary"]  # counted from the manifest
+    assert "Training images: 5 (1 real, 4 synthetic; from phantom)" in summary
+    assert "1 with labels used in training (s0) and 4 without" in summary
+    assert "Validation images: 2 (0 real, 2 synthetic" in summary and summary.endswith("test phantom")
     assert 0.0 <= card["metrics"]["registration_dice_mean"] <= 1.0
     assert card["working_grid"]["size"] == GRID["size"]
     log = (tmp_path / "m.log.csv").read_text(encoding="utf-8").splitlines()
@@ -108,8 +112,9 @@ def test_strategy_list_matches_the_implementations():
     assert set(listed) == set(STRATEGIES)
 
 
-JOINT_UPDATES = {"deeprs": {"joint_disc", "joint_reg", "joint_seg"}, "brbs": {"joint_reg", "joint_seg"},
-                 "pcreg-rt": {"joint_reg", "joint_seg"}, "uresnet": {"joint"}, "unsupervised": {"joint_reg"}}
+JOINT_UPDATES = {"deeprs": {"reg_pretrain_disc", "joint_disc", "joint_reg", "joint_seg"},
+                 "brbs": {"joint_reg", "joint_seg"}, "pcreg-rt": {"stage1_seg", "stage1_reg", "joint_reg"},
+                 "uresnet": {"joint"}, "unsupervised": {"joint_reg"}}
 
 
 @pytest.mark.parametrize("strategy", sorted(JOINT_UPDATES))

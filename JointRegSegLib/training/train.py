@@ -1,4 +1,4 @@
-"""The training loop shared by every strategy (strategies.py supplies the losses and updates):
+"""The training loop shared by every strategy (the strategies package supplies the losses and updates):
 pretrain registration, pretrain segmentation, then joint training; resumable, logged, and
 distributed with torch DDP under torchrun."""
 from __future__ import annotations
@@ -35,6 +35,24 @@ def default_card(config: dict, data: FewShotData) -> dict:
         "segment_foreground_only": bool(config.get("segment_foreground_only", False)),
         "refinement": config.get("refinement", {"similarity": "lncc", "smoothness": 1.0, "learning_rate": 0.05}),
     }
+
+
+def describe_data(data: FewShotData) -> str:
+    """The training data in words, counted from the manifest (not a fixed sentence)."""
+    items = {e["name"]: e for e in data.manifest["items"]}
+
+    def part(names: list) -> str:
+        synthetic = sum(bool(items[n].get("synthetic")) for n in names)
+        sources = sorted({str(items[n].get("source", "unknown")) for n in names})
+        return f"{len(names)} ({len(names) - synthetic} real, {synthetic} synthetic; from {', '.join(sources) or 'none'})"
+
+    grid = data.manifest.get("working_grid", {})
+    text = (f"Training images: {part(data.train)}, of which {len(data.labelled)} with labels used in training "
+            f"({', '.join(data.labelled) or 'none'}) and {len(data.train) - len(data.labelled)} without. "
+            f"Validation images: {part(data.val)}, labels for evaluation only. "
+            f"Modality {data.manifest.get('modality', 'unknown')}; working grid {grid.get('size')} voxels of "
+            f"{grid.get('spacing')} mm.")
+    return f"{text} {data.manifest['notes']}" if data.manifest.get("notes") else text
 
 
 def _schedule(config: dict) -> list[tuple[str, int]]:
@@ -182,7 +200,8 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
             "labelled_images": data.labelled, "unlabelled_images": len(data.train) - len(data.labelled),
         }
         model.card["data"] = {"folder": str(data_dir), "sources": data.manifest["sources"],
-                              "notes": data.manifest["notes"], "seed": data.manifest["seed"]}
+                              "notes": data.manifest["notes"], "seed": data.manifest["seed"],
+                              "summary": describe_data(data)}
         model.card["metrics"] = evaluate_pairs(model, data)
         save_model(model, out_path)
         for leftover in (partial, aux_path, state_path):
