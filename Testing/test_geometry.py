@@ -21,6 +21,7 @@ def known_mapping(center):
     return mapping
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["lps-oblique", "axis-aligned"])
 def test_refinement_recovers_known_affine_plus_smooth_deformation(sample_brain, geometry):
     center = physical_center(sample_brain)
