@@ -109,7 +109,9 @@ def test_training_resumes_after_a_stop(tmp_path, tiny_dataset):
 def test_strategy_list_matches_the_implementations():
     from JointRegSegLib.training.cli import STRATEGIES as listed
     from JointRegSegLib.training.strategies import STRATEGIES
-    assert set(listed) == set(STRATEGIES)
+    assert set(STRATEGIES) <= set(listed)
+    # names the CLI dispatches to their own trainer (not a strategy of this loop)
+    assert set(listed) - set(STRATEGIES) <= {"synth"}
 
 
 JOINT_UPDATES = {"deeprs": {"reg_pretrain_disc", "joint_disc", "joint_reg", "joint_seg"},
