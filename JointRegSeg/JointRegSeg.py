@@ -290,7 +290,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._parameterNode.device != device:
             self._parameterNode.device = device
 
-    def onSwap(self) -> None:
+    def onSwap(self, *_) -> None:
         node = self._parameterNode
         if node:
             node.movingVolume, node.fixedVolume = node.fixedVolume, node.movingVolume
@@ -315,7 +315,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.enabled = not busy
         self.ui.addCaseButton.enabled = self.finetuneRun is None
 
-    def onApply(self) -> None:
+    def onApply(self, *_) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not start Register & Segment.")):
             self.logic.installDependencies(askConfirmation=True, confirm=self.confirm)
@@ -395,12 +395,12 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
             self.resetRunControls()
 
-    def onCancel(self) -> None:
+    def onCancel(self, *_) -> None:
         if self.job is not None:
             self.ui.progressBar.setFormat(_("Cancelling…"))
             self.cancelJob()
 
-    def onShowJacobian(self) -> None:
+    def onShowJacobian(self, *_) -> None:
         with self.reportErrors(_("Could not show the Jacobian map.")):
             if self.results is None or self.results.jacobian is None:
                 raise JointRegSegError(_("run Register & Segment with 'Jacobian map' checked first"))
@@ -419,7 +419,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name in self.logic.trainingCases(folder) if folder else []:
                 self.ui.casesListWidget.addItem(name)
 
-    def onAddCase(self) -> None:
+    def onAddCase(self, *_) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not add the case.")):
             folder = self.trainingFolder()
@@ -435,7 +435,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        overwrite=overwrite)
         self.updateCaseList()
 
-    def onFinetune(self) -> None:
+    def onFinetune(self, *_) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not start fine-tuning.")):
             if self.job is not None:
@@ -453,7 +453,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
             self.finetuneTimer.start()
 
-    def onFinetuneCancel(self) -> None:
+    def onFinetuneCancel(self, *_) -> None:
         if self.finetuneRun is not None:
             self.ui.finetuneProgressBar.setFormat(_("Cancelling…"))
             self.finetuneRun[0].cancel()
@@ -874,7 +874,7 @@ class JointRegSegTest(ScriptedLoadableModuleTest):
             segmentation = getattr(results, role).GetSegmentation()
             self.assertEqual(segmentation.GetNumberOfSegments(), len(labels))
             segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(labels[0]["name"]))
-            self.assertIn("SCT^", segment.GetTag(segment.GetTerminologyEntryTagName()))
+            self.assertIn("SCT^", segment.GetTerminology())
         found = [name for name, ml in results.qc["fixed_volumes_ml"].items() if ml > 0]
         self.assertGreaterEqual(len(found), len(labels) - 1, f"structures found: {found}")
         self.delayDisplay("JointRegSeg self-test passed")

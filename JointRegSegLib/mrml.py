@@ -103,8 +103,7 @@ def terminology_entry(entry: dict) -> str:
 
 def _segment_codes(segment) -> tuple | None:
     """(type code, modifier code) of a segment's terminology, None when it has none or only the default."""
-    text = segment.GetTag(segment.GetTerminologyEntryTagName()) if hasattr(segment, "GetTerminologyEntryTagName") \
-        else None
+    text = segment.GetTerminology() if hasattr(segment, "GetTerminology") else None
     if not text:
         return None
     entry = slicer.vtkSlicerTerminologyEntry()

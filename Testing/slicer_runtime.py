@@ -199,8 +199,18 @@ class FakeUi:
         return widget
 
 
+WIDGETS = []
+
+
+def release_widgets():
+    """Detach the widgets made by make_widget from their scenes (as Slicer does on cleanup())."""
+    while WIDGETS:
+        WIDGETS.pop().removeObservers()
+
+
 def make_widget(module, ctx):
-    """The module's Widget set up on FakeUi over the real scene (as after setup() in Slicer)."""
+    """The module's Widget set up on FakeUi over the real scene (as after setup() in Slicer); call
+    release_widgets() when done."""
     widget = module.JointRegSegWidget(types.SimpleNamespace(isEntered=True))
     widget.parent = types.SimpleNamespace(isEntered=True)
     widget.errors, widget.answers = [], []
@@ -208,6 +218,7 @@ def make_widget(module, ctx):
     widget.confirm = lambda text: (widget.answers.append(text), widget.confirm_answer)[1]
     widget.confirm_answer = True
     widget.setupWith(FakeUi())
+    WIDGETS.append(widget)
     return widget
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from conftest import TINY_CARD, grid_for, phantom_array, phantom_labels, sample_on
 
 import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
-from slicer_runtime import boot, import_module_file, make_widget  # noqa: E402
+from slicer_runtime import boot, import_module_file, make_widget, release_widgets  # noqa: E402
 
 from JointRegSegLib import InputImageError, JointRegSegError  # noqa: E402
 from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
@@ -30,7 +30,8 @@ def ctx():
 
 @pytest.fixture
 def module(monkeypatch, ctx):
-    return import_module_file(monkeypatch)
+    yield import_module_file(monkeypatch)
+    release_widgets()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -400,12 +401,12 @@ module = import_module_file(MP())
 logic = module.JointRegSegLogic()
 volume = slicer.util.addVolumeFromArray(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4), "case a")
 logic.addTrainingCase({str(tmp_path)!r}, volume, None)
-print(logic.trainingCases({str(tmp_path)!r}), logic.missingDependencies(), "torch" in sys.modules)
+print(logic.trainingCases({str(tmp_path)!r}), "torch" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['case_a'] ['torch'] False"
+    assert done.stdout.strip().splitlines()[-1] == "['case_a'] False"
 
 
 def test_case_listing_matches_the_finetuning_command(tmp_path):
