@@ -12,6 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from .affine import affine_prealign
+from .affine_torch import prealign as prealign_torch
+from .segfusion import joint_segmentations
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
 from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
@@ -118,6 +120,7 @@ def _class_values(label_table: list) -> np.ndarray:
 def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: str = "auto",
                          affine: bool = True, refine_iterations: int = 0, refine_similarity: str | None = None,
                          refine_smoothness: float | None = None, guide_labels: tuple | None = None,
+                         affine_method: str | None = None, segmentation_mode: str | None = None,
                          progress=None, cancel=None) -> Result:
     """Register `moving` onto `fixed` and segment both with a joint model (see DESIGN.md, core contract).
 
@@ -127,6 +130,10 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
 
     progress(stage, fraction) is called as work proceeds; cancel (an Event or a callable) stops it,
     raising Cancelled. Nothing is written anywhere by this function.
+
+    `affine_method`: "torch" (the fast MI affine on the working grid that the model was trained behind) or
+    "classical" (SimpleITK Mattes MI); default: the model card's `prealignment`, else classical.
+    `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
     """
     reporter = Reporter(progress, cancel)
     started = time.perf_counter()
@@ -138,11 +145,20 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         model = _as_model(model, torch_device)
         card = model.card
     affine_tx = None
+    affine_method = affine_method or ("torch" if card.get("prealignment", {}).get("kind") == "torch-mi"
+                                      else "classical")
+    if affine_method not in ("torch", "classical"):
+        raise ValueError(f"affine_method {affine_method!r}: choose 'torch' or 'classical'")
+    seg_card = card.get("segmentation", {})
+    segmentation_mode = segmentation_mode or seg_card.get("mode", "network")
     if affine:
         with reporter.stage("affine pre-alignment") as stage:
             # on canonically ordered copies: the result must not depend on how the files store their axes
-            affine_tx = affine_prealign(canonical_storage(moving), canonical_storage(fixed),
-                                        on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
+            if affine_method == "torch":
+                affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card, torch_device)
+            else:
+                affine_tx = affine_prealign(canonical_storage(moving), canonical_storage(fixed),
+                                            on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
     with reporter.stage("resample to working grid"):
         grid = working_grid(fixed, card)
         fixed_w = resample(fixed, grid, default=_background(fixed))
@@ -175,6 +191,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                     on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
         with torch.no_grad():
             ddf = network.displacement(velocity, fixed_t.shape[2:])
+            fixed_logits, moving_logits = joint_segmentations(
+                network, velocity, fixed_logits, moving_logits, fixed_t.shape[2:], segmentation_mode,
+                seg_card.get("largest_component", True))
         return ddf[0].cpu().numpy(), fixed_logits.cpu(), moving_logits.cpu()
 
     (ddf_voxels, fixed_logits, moving_logits), used_device = run_with_cpu_fallback(infer, torch_device)
@@ -211,6 +230,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "device": str(used_device),
             "model": card.get("name", "unnamed"),
             "affine_prealignment": affine,
+            "affine_method": affine_method if affine else None,
+            "segmentation_mode": segmentation_mode,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
             "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,

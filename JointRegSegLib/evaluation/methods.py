@@ -90,9 +90,13 @@ class AffineOnly:
 
 
 class JointRegSegMethod:
-    def __init__(self, model_path, refine_iterations: int = 0, device: str = "auto", name: str | None = None):
+    def __init__(self, model_path, refine_iterations: int = 0, device: str = "auto", name: str | None = None,
+                 segment: bool = True, **options):
+        """`options` go to register_and_segment (e.g. affine_method, segmentation_mode); `segment=False`
+        leaves the segmentation unscored (a model whose label table differs from the pairs' labels)."""
         from ..checkpoint import load_model
         self.model = load_model(model_path)
+        self.segment, self.options = segment, options
         self.device, self.refine_iterations = device, int(refine_iterations)
         self.name = name or (self.model.card.get("name", Path(model_path).stem)
                              + (f"+refine{self.refine_iterations}" if self.refine_iterations else ""))
@@ -101,9 +105,9 @@ class JointRegSegMethod:
         from ..pipeline import register_and_segment
         with PeakMemory() as memory:
             result = register_and_segment(moving, fixed, self.model, device=self.device,
-                                          refine_iterations=self.refine_iterations)
+                                          refine_iterations=self.refine_iterations, **self.options)
         return Outcome(result.displacement, float(result.qc["timing_s"]["total"]), memory.peak_mb,
-                       result.fixed_segmentation)
+                       result.fixed_segmentation if self.segment else None)
 
 
 class ExternalMethod:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 # training.strategies.STRATEGIES and networks.ARCHITECTURES, named here without importing torch
-STRATEGIES = ("deepatlas", "deeprs", "brbs", "pcreg-rt", "uresnet", "unsupervised")
+STRATEGIES = ("deepatlas", "deeprs", "brbs", "pcreg-rt", "uresnet", "unsupervised", "synth")
 ARCHITECTURES = {"unet-pair": {"name": "unet-pair", "registration": {"channels": [16, 32, 32, 32], "strides": [2, 2, 2]},
                                "segmentation": {"channels": [16, 32, 32, 64], "strides": [2, 2, 2]},
                                "integration_steps": 7, "velocity_downsample": 2},
@@ -30,6 +30,11 @@ def _cmd_train(args) -> int:
     config["architecture"] = _architecture(config, args.arch)
     default_strategy = "uresnet" if config["architecture"]["name"] == "uresnet" else "deepatlas"
     config["strategy"] = args.strategy or config.get("strategy", default_strategy)
+    if config["strategy"] == "synth":
+        from .synth_train import train_synth
+        out = train_synth(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
+        print(f"model written to {out}")
+        return 0
     out = train(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
     print(f"model written to {out}")
     return 0
@@ -60,7 +65,8 @@ def register(sub) -> None:
     train.add_argument("--arch", choices=[*ARCHITECTURES, *ARCH_ALIASES], default=None,
                        help="network architecture (default: the config's); uresnet = U-ReSNet, under 40k parameters")
     train.add_argument("--config", required=True, help="JSON training config (see configs/)")
-    train.add_argument("--data", required=True, help="dataset folder from `jointregseg data build`")
+    train.add_argument("--data", required=True, help="dataset folder from `jointregseg data build` (for --strategy "
+                       "synth: a folder where the label-map sources are cached, built on first use)")
     train.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     train.add_argument("--init", default=None, help="fine-tune from this checkpoint")
     train.add_argument("--device", default="auto")

@@ -1,0 +1,134 @@
+"""Fast affine pre-alignment in torch on the model's working grid (the default; `affine.py` keeps the
+classical SimpleITK Mattes-MI path as an option).
+
+The same function aligns training pairs and run-time pairs, so the deformable network learns exactly
+the residual it meets at run time ("train as you infer"). Both images sit on working grids of the same
+size and spacing, each centred on its own intensity centre of mass; the affine is optimised in torch's
+normalised grid coordinates with global mutual information (contrast-agnostic: synthetic training pairs
+have unrelated intensities), coarse to fine on average-pooled copies.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+# (pooling factor, iterations): 8, 4 then 2 mm on a 2 mm working grid
+DEFAULT_SCHEDULE = ((4, 80), (2, 60), (1, 30))
+
+
+def _mass_center(image: torch.Tensor) -> torch.Tensor:
+    """Intensity centre of mass in normalised (x, y, z) grid coordinates, shape (B, 3)."""
+    weights = image.clamp_min(0)[:, 0]
+    total = weights.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+    coords = []
+    for axis, n in zip((3, 2, 1), weights.shape[1:][::-1]):   # x is the last array axis
+        line = (2 * torch.arange(n, dtype=image.dtype, device=image.device) + 1) / n - 1
+        shape = [1, 1, 1, 1]
+        shape[axis] = n
+        coords.append((weights * line.view(shape)).sum(dim=(1, 2, 3)) / total)
+    return torch.stack(coords, dim=1)
+
+
+def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: torch.Tensor | None = None):
+    """Negative mutual information of two [0, 1] images with Gaussian Parzen windows."""
+    centres = torch.linspace(0, 1, bins, device=a.device, dtype=a.dtype)
+    sigma = 0.5 / (bins - 1)
+    wa = torch.exp(-((a.reshape(-1, 1) - centres) ** 2) / (2 * sigma ** 2))
+    wb = torch.exp(-((b.reshape(-1, 1) - centres) ** 2) / (2 * sigma ** 2))
+    if mask is not None:
+        keep = mask.reshape(-1, 1).to(a.dtype)
+        wa, wb = wa * keep, wb * keep
+    wa = wa / wa.sum(1, keepdim=True).clamp_min(1e-8)
+    wb = wb / wb.sum(1, keepdim=True).clamp_min(1e-8)
+    joint = wa.t() @ wb
+    joint = joint / joint.sum().clamp_min(1e-8)
+    pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    return -(joint * (torch.log(joint + 1e-8) - torch.log(pa @ pb + 1e-8))).sum()
+
+
+def _sample_points(fixed_level: torch.Tensor, count: int, generator: torch.Generator) -> tuple:
+    """`count` random voxel centres of the fixed image inside its foreground (normalised x, y, z) and the
+    fixed intensities there: the metric is estimated on samples, as elastix and ITK do."""
+    shape = fixed_level.shape[2:]
+    foreground = torch.nonzero(fixed_level[0, 0] > 0.02)
+    if len(foreground) == 0:
+        foreground = torch.nonzero(torch.ones(shape, dtype=torch.bool, device=fixed_level.device))
+    pick = foreground[torch.randint(len(foreground), (min(count, len(foreground)),), generator=generator)
+                      .to(foreground.device)]
+    sizes = torch.tensor(shape, dtype=fixed_level.dtype, device=fixed_level.device)
+    normalised = ((2 * pick.to(fixed_level.dtype) + 1) / sizes - 1).flip(-1)      # (z, y, x) -> (x, y, z)
+    values = fixed_level[0, 0][pick[:, 0], pick[:, 1], pick[:, 2]]
+    return normalised, values
+
+
+def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHEDULE,
+               learning_rate: float = 0.02, samples: int = 20_000, seed: int = 0) -> torch.Tensor:
+    """theta (1, 3, 4) such that `F.affine_grid(theta, fixed.shape)` samples the moving image at the
+    points matching the fixed grid's voxels (align_corners=False). Images: (1, 1, z, y, x) in [0, 1].
+
+    Deterministic for a given `seed` (the metric's sample points)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        shift = _mass_center(moving) - _mass_center(fixed)
+    linear = torch.zeros(1, 3, 3, dtype=fixed.dtype, device=fixed.device, requires_grad=True)
+    translation = shift.clone().detach().view(1, 3, 1).requires_grad_(True)
+    eye = torch.eye(3, dtype=fixed.dtype, device=fixed.device)[None]
+    optimizer = torch.optim.Adam([linear, translation], lr=learning_rate)
+    with torch.enable_grad():
+        for pool, iterations in schedule:
+            fixed_level = F.avg_pool3d(fixed, pool) if pool > 1 else fixed
+            moving_level = F.avg_pool3d(moving, pool) if pool > 1 else moving
+            for _ in range(iterations):
+                points, fixed_values = _sample_points(fixed_level, samples, generator)
+                mapped = points @ (eye + linear)[0].t() + translation[0, :, 0]
+                warped = F.grid_sample(moving_level, mapped.view(1, 1, 1, -1, 3), mode="bilinear",
+                                       padding_mode="zeros", align_corners=False).view(-1)
+                loss = _mutual_information(warped, fixed_values)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return torch.cat([eye + linear, translation], dim=2).detach()
+
+
+def theta_to_physical(theta: torch.Tensor, fixed_grid: sitk.Image, moving_grid: sitk.Image) -> sitk.AffineTransform:
+    """The physical affine (fixed point -> moving point) of `theta` between two working grids of the same
+    size and spacing (identity or any direction)."""
+    theta = theta[0].double().cpu().numpy()
+    size = np.array(fixed_grid.GetSize(), float)
+
+    def index_from_normalised(grid: sitk.Image):
+        # physical = origin + D diag(s) i, i = ((u + 1) n - 1) / 2  ->  physical = c + D diag(s n / 2) u
+        direction = np.array(grid.GetDirection()).reshape(3, 3)
+        scale = direction @ np.diag(np.array(grid.GetSpacing()) * size / 2)
+        centre = np.array(grid.GetOrigin()) + direction @ (np.array(grid.GetSpacing()) * (size - 1) / 2)
+        return scale, centre
+
+    scale_f, centre_f = index_from_normalised(fixed_grid)
+    scale_m, centre_m = index_from_normalised(moving_grid)
+    linear, shift = theta[:, :3], theta[:, 3]
+    matrix = scale_m @ linear @ np.linalg.inv(scale_f)
+    translation = centre_m + scale_m @ shift - matrix @ centre_f
+    return sitk.AffineTransform(matrix.ravel().tolist(), translation.tolist(), (0.0, 0.0, 0.0))
+
+
+def warp_with_theta(image: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    grid = F.affine_grid(theta.to(image.dtype), list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def prealign(moving: sitk.Image, fixed: sitk.Image, card: dict, device="cpu") -> sitk.AffineTransform:
+    """The torch affine between two physical images: each resampled onto the model's working grid centred on
+    its own centre of mass, normalised as the model is fed, aligned by `fit_affine`; the result maps fixed
+    physical points to moving ones (as `affine.affine_prealign`)."""
+    from .geometry import resample, to_tensor, working_grid
+    from .intensity import normalize
+    fixed_grid, moving_grid = working_grid(fixed, card), working_grid(moving, card)
+    background = lambda image: float(sitk.GetArrayViewFromImage(image).min())
+    fixed_t = normalize(to_tensor(resample(fixed, fixed_grid, default=background(fixed)), device), card["intensity"])
+    moving_t = normalize(to_tensor(resample(moving, moving_grid, default=background(moving)), device),
+                         card["intensity"])
+    schedule = tuple(tuple(level) for level in card.get("prealignment", {}).get("schedule", DEFAULT_SCHEDULE))
+    theta = fit_affine(moving_t, fixed_t, schedule=schedule)
+    return theta_to_physical(theta, fixed_grid, moving_grid)

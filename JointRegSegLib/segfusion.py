@@ -1,0 +1,51 @@
+"""Segmentations from a joint model on its working grid: the segmentation network's probabilities fused
+with the other image's, carried across by the registration (and back by its inverse), then each
+structure reduced to its largest connected piece, which removes the speckles a network leaves on the
+brain rim."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+MODES = ("network", "propagation", "fusion")
+
+
+def _largest_components(probabilities: torch.Tensor) -> torch.Tensor:
+    """Zero each class's probability outside the 1-voxel dilation of its largest connected component."""
+    labels = probabilities[0].argmax(0).cpu().numpy()
+    keep = np.ones(probabilities.shape[1:], dtype=bool)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        pieces, count = ndimage.label(labels == value)
+        if count > 1:
+            sizes = np.bincount(pieces.ravel())[1:]
+            largest = pieces == (int(sizes.argmax()) + 1)
+            keep[value] = ndimage.binary_dilation(largest)
+    out = probabilities * torch.from_numpy(keep).to(probabilities)[None]
+    out[:, 0] = torch.maximum(out[:, 0], 1 - out[:, 1:].sum(1))   # what a structure lost goes to background
+    return out
+
+
+def joint_segmentations(network, velocity, fixed_logits, moving_logits, shape, mode: str = "network",
+                        largest_component: bool = True):
+    """(fixed, moving) log-probabilities on the working grid. `mode`: the network's own ("network"), the
+    other image's carried by the transform ("propagation"), or their mean ("fusion"). The moving one is
+    carried back by the inverse map (negated stationary velocity); models whose output is not a stationary
+    velocity (U-ReSNet) keep their own moving segmentation."""
+    if mode not in MODES:
+        raise ValueError(f"segmentation mode {mode!r}; choose one of {MODES}")
+    p_fixed, p_moving = torch.softmax(fixed_logits, 1), torch.softmax(moving_logits, 1)
+    if mode != "network":
+        ddf = network.displacement(velocity, shape)
+        to_fixed = network.warp(p_moving, ddf)
+        invertible = not hasattr(network, "compose")
+        to_moving = network.warp(p_fixed, network.displacement(-velocity, shape)) if invertible else p_moving
+        if mode == "fusion":
+            p_fixed, p_moving = (p_fixed + to_fixed) / 2, (p_moving + to_moving) / 2
+        else:
+            p_fixed, p_moving = to_fixed, to_moving
+    if largest_component:
+        p_fixed, p_moving = _largest_components(p_fixed), _largest_components(p_moving)
+    return torch.log(p_fixed.clamp_min(1e-6)), torch.log(p_moving.clamp_min(1e-6))

@@ -1,0 +1,174 @@
+"""The label-driven training-data generator, the torch affine pre-alignment and segmentation fusion."""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from JointRegSegLib.affine_torch import fit_affine, prealign, warp_with_theta
+from JointRegSegLib.data.atlas_sources import SynthSource, intensity_clusters
+from JointRegSegLib.data.generator import BrainSynthesizer, SynthesisSettings, random_velocity_ddf, render
+from JointRegSegLib.geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
+from JointRegSegLib.segfusion import joint_segmentations
+
+from conftest import phantom_array, rotation
+
+
+def _phantom_source(shape=(40, 48, 40)) -> SynthSource:
+    """Nested ellipsoids with blobs: generation labels 1..4, target labels 1..2, and an image."""
+    grid = make_grid(shape[::-1], (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
+    from JointRegSegLib.geometry import physical_points
+    points = physical_points(grid)
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    radius = np.sqrt((x / 34) ** 2 + (y / 40) ** 2 + (z / 32) ** 2)
+    generation = np.select([radius < 0.3, radius < 0.55, radius < 0.8, radius < 1.0], [4, 3, 2, 1], 0).astype(np.int32)
+    target = np.select([radius < 0.3, (radius < 0.8) & (x > 0)], [1, 2], 0).astype(np.uint8)
+    image = phantom_array(points) * (radius < 1.0)
+    return SynthSource("phantom", generation, target, image.astype(np.float32), "test phantom", "n/a")
+
+
+def _quiet_settings(**changes) -> SynthesisSettings:
+    """No blur, bias, noise, gamma or crops: image values are a function of the generation label alone."""
+    base = dict(blur_voxels=(0.0, 0.0), anisotropy_probability=0.0, bias_strength=0.0, gamma_std=0.0,
+                noise_std=(0.0, 0.0), crop_probability=0.0, real_image_probability=0.0)
+    base.update(changes)
+    return SynthesisSettings(**base)
+
+
+def test_generator_labels_stay_consistent_with_image():
+    source = _phantom_source()
+    synthesizer = BrainSynthesizer([source], _quiet_settings(velocity_std_mm=(3.0, 3.0)))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        sample = synthesizer.sample(rng, 0)
+        image, generation = sample.image[0, 0], sample.generation[0, 0]
+        assert (image[generation == 0] == 0).all()
+        spreads = [float(image[generation == k].std()) for k in range(1, 5) if (generation == k).sum() > 20]
+        means = [float(image[generation == k].mean()) for k in range(1, 5) if (generation == k).sum() > 20]
+        assert max(spreads) < 0.12, "each generation label must hold one Gaussian of intensities"
+        assert np.ptp(means) > 0.1
+        # target labels moved with the image: target 1 is the innermost generation label
+        inner = sample.target[0, 0] == 1
+        assert inner.sum() > 50
+        assert float((generation[inner] == 4).float().mean()) > 0.97
+
+
+def test_generator_deformations_are_diffeomorphic_and_not_trivial():
+    settings = SynthesisSettings(velocity_std_mm=(6.0, 6.0), control_spacing_mm=(16.0, 16.0))
+    ddf = random_velocity_ddf((40, 48, 40), np.random.default_rng(3), settings, "cpu")
+    grid = make_grid((40, 48, 40), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
+    ddf_mm = voxel_ddf_to_mm(ddf[0].numpy(), grid)
+    magnitude = np.linalg.norm(ddf_mm, axis=-1)
+    assert magnitude.max() > 3.0, "the deformation should move the anatomy by millimetres"
+    det = jacobian_determinant(ddf_mm, grid)
+    assert det.min() > 0, "scaling and squaring of a smooth velocity must not fold"
+
+
+def test_generator_intensities_vary_between_samples_and_shared_seed_shares_contrast():
+    source = _phantom_source()
+    synthesizer = BrainSynthesizer([source], _quiet_settings(velocity_std_mm=(0.0, 0.0), rotation_deg=0.0,
+                                                            scale=0.0, shear=0.0, shift_fraction=0.0))
+    rng = np.random.default_rng(1)
+    label_means = lambda s: np.array([float(s.image[s.generation == k].mean()) for k in range(1, 5)])
+    a, b = synthesizer.sample(rng, 0), synthesizer.sample(rng, 0)
+    assert np.abs(label_means(a) - label_means(b)).max() > 0.05
+    c, d = synthesizer.sample(rng, 0, mixture_seed=7), synthesizer.sample(rng, 0, mixture_seed=7)
+    assert np.allclose(label_means(c), label_means(d), atol=0.01)
+
+
+def test_intensity_clusters_split_by_intensity():
+    image = np.concatenate([np.full(100, 10.0), np.full(100, 50.0), np.full(100, 90.0)]).reshape(3, 10, 10)
+    clusters = intensity_clusters(image, image > 0, k=3)
+    assert [int(np.unique(clusters[i])[0]) for i in range(3)] == [1, 2, 3]
+
+
+def test_render_uses_real_image_when_given():
+    generation = torch.ones(1, 1, 8, 8, 8)
+    real = torch.linspace(0, 1, 512).view(1, 1, 8, 8, 8)
+    out = render(generation, np.random.default_rng(0), _quiet_settings(), real)
+    assert torch.corrcoef(torch.stack([out.flatten(), real.flatten()]))[0, 1] > 0.99
+
+
+def test_torch_affine_recovers_known_affine_in_grid_coordinates():
+    source = _phantom_source((48, 56, 48))
+    fixed = torch.from_numpy(source.image)[None, None]
+    fixed = fixed / fixed.max()
+    truth = torch.tensor([[[1.05, -0.12, 0.0, 0.04], [0.12, 1.05, 0.0, -0.03], [0.0, 0.0, 0.95, 0.02]]])
+    inverse = torch.linalg.inv(torch.cat([truth[0], torch.tensor([[0, 0, 0, 1.0]])]))[:3][None]
+    moving = warp_with_theta(fixed, inverse)
+    theta = fit_affine(moving, fixed, schedule=((2, 80), (1, 40)))
+    grid_true = torch.nn.functional.affine_grid(truth, list(fixed.shape), align_corners=False)
+    grid_fit = torch.nn.functional.affine_grid(theta, list(fixed.shape), align_corners=False)
+    # normalised -> mm: half extent = size * spacing / 2 with 2 mm voxels
+    error_mm = ((grid_fit - grid_true) * torch.tensor([48.0, 56.0, 48.0])).norm(dim=-1)
+    inside = fixed[0, 0] > 0
+    assert float(error_mm[0][inside].median()) < 1.0
+
+
+def test_torch_prealign_recovers_physical_affine_between_oblique_grids():
+    """A 10 degree rotation + 6 mm shift between two differently stored phantoms, recovered in mm."""
+    from conftest import TINY_CARD, sample_on
+    card = {**TINY_CARD, "working_grid": {"size": [48, 48, 48], "spacing": [2.5, 2.5, 2.5]}}
+    fixed_grid = make_grid((56, 56, 56), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
+    moving_grid = make_grid((60, 54, 50), (1.8, 2.1, 2.4), rotation((12, -8, 20)), np.zeros(3))
+    truth = sitk.AffineTransform(3)
+    truth.SetMatrix(rotation((0, 0, 10)).ravel().tolist())
+    truth.SetTranslation((6.0, -3.0, 2.0))
+    fixed = sample_on(fixed_grid, phantom_array)
+    inverse = truth.GetInverse()
+    matrix, offset = np.array(inverse.GetMatrix()).reshape(3, 3), np.array(inverse.GetTranslation())
+    moving = sample_on(moving_grid, phantom_array, lambda p: p @ matrix.T + offset)   # moving(y) = phantom(T^-1 y)
+    found = prealign(moving, fixed, card)
+    from JointRegSegLib.geometry import physical_points
+    points = physical_points(fixed_grid).reshape(-1, 3)[::97]
+    inside = np.linalg.norm(points / np.array([42, 48, 38]), axis=1) < 0.9
+    error = [np.linalg.norm(np.array(found.TransformPoint(p)) - np.array(truth.TransformPoint(p)))
+             for p in points[inside]]
+    assert np.median(error) < 1.5, np.median(error)
+
+
+class _ShiftNet(torch.nn.Module):
+    """Stand-in network: a zero velocity (identity map) and MONAI's warp."""
+
+    def __init__(self):
+        super().__init__()
+        from monai.networks.blocks import Warp
+        from JointRegSegLib.networks import VelocityIntegrator
+        self.integrator = VelocityIntegrator(7, 2)
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+
+    def displacement(self, velocity, shape):
+        return self.integrator(velocity, shape)
+
+
+def test_fusion_beats_either_segmentation_on_constructed_case():
+    rng = np.random.default_rng(0)
+    truth = torch.zeros(1, 24, 24, 24, dtype=torch.long)
+    truth[:, 6:18, 6:18, 6:18] = 1
+
+    def noisy():   # each view wrong in its own random 25 % of voxels, and less sure where wrong
+        wrong = torch.from_numpy(rng.random((1, 24, 24, 24)) < 0.25)
+        p_truth = torch.where(wrong, 0.4, 0.9)
+        p_one = torch.where(truth == 1, p_truth, 1 - p_truth)
+        return torch.log(torch.stack([1 - p_one, p_one], dim=1))
+    fixed_logits, moving_logits = noisy(), noisy()
+    velocity = torch.zeros(1, 3, 12, 12, 12)
+    net = _ShiftNet()
+    dice = lambda logits: float(2 * ((logits.argmax(1) == 1) & (truth == 1)).sum()
+                                / ((logits.argmax(1) == 1).sum() + (truth == 1).sum()))
+    network, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "network", False)
+    propagated, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "propagation",
+                                        False)
+    fused, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "fusion", True)
+    assert dice(fused) > max(dice(network), dice(propagated)) + 0.05
+
+
+def test_largest_component_removes_speckles():
+    logits = torch.full((1, 2, 20, 20, 20), -5.0)
+    logits[:, 0] = 0.0
+    logits[:, 1, 5:12, 5:12, 5:12] = 5.0      # the structure
+    logits[:, 1, 17, 17, 17] = 5.0            # a speckle on the rim
+    net = _ShiftNet()
+    cleaned, _ = joint_segmentations(net, torch.zeros(1, 3, 10, 10, 10), logits, logits, (20, 20, 20), "network")
+    labels = cleaned.argmax(1)[0]
+    assert labels[17, 17, 17] == 0 and labels[8, 8, 8] == 1
