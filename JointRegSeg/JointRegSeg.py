@@ -290,7 +290,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._parameterNode.device != device:
             self._parameterNode.device = device
 
-    def onSwap(self, *_) -> None:
+    def onSwap(self, *args) -> None:
         node = self._parameterNode
         if node:
             node.movingVolume, node.fixedVolume = node.fixedVolume, node.movingVolume
@@ -315,7 +315,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.enabled = not busy
         self.ui.addCaseButton.enabled = self.finetuneRun is None
 
-    def onApply(self, *_) -> None:
+    def onApply(self, *args) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not start Register & Segment.")):
             self.logic.installDependencies(askConfirmation=True, confirm=self.confirm)
@@ -395,12 +395,12 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
             self.resetRunControls()
 
-    def onCancel(self, *_) -> None:
+    def onCancel(self, *args) -> None:
         if self.job is not None:
             self.ui.progressBar.setFormat(_("Cancelling…"))
             self.cancelJob()
 
-    def onShowJacobian(self, *_) -> None:
+    def onShowJacobian(self, *args) -> None:
         with self.reportErrors(_("Could not show the Jacobian map.")):
             if self.results is None or self.results.jacobian is None:
                 raise JointRegSegError(_("run Register & Segment with 'Jacobian map' checked first"))
@@ -419,7 +419,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name in self.logic.trainingCases(folder) if folder else []:
                 self.ui.casesListWidget.addItem(name)
 
-    def onAddCase(self, *_) -> None:
+    def onAddCase(self, *args) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not add the case.")):
             folder = self.trainingFolder()
@@ -435,7 +435,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        overwrite=overwrite)
         self.updateCaseList()
 
-    def onFinetune(self, *_) -> None:
+    def onFinetune(self, *args) -> None:
         node = self._parameterNode
         with self.reportErrors(_("Could not start fine-tuning.")):
             if self.job is not None:
@@ -453,7 +453,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
             self.finetuneTimer.start()
 
-    def onFinetuneCancel(self, *_) -> None:
+    def onFinetuneCancel(self, *args) -> None:
         if self.finetuneRun is not None:
             self.ui.finetuneProgressBar.setFormat(_("Cancelling…"))
             self.finetuneRun[0].cancel()
@@ -788,24 +788,28 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         labels = ", ".join(e["name"] for e in card["labels"] if int(e["value"]) != 0)
         training = card.get("training", {})
         data = card.get("data", {})
-        sources = "; ".join(s.get("source", s.get("name", "")) for s in data.get("sources", []))
+        sources = "; ".join(s.get("source", s.get("provenance", s.get("name", ""))) for s in data.get("sources", []))
         grid = card["working_grid"]
         metrics = card.get("metrics", {})
         figures = []
         for key, label in (("registration_dice_mean", "registration Dice"),
+                           ("registration_dice_affine_only", "affine only"),
                            ("dice_before_registration", "Dice before registration"),
                            ("segmentation_dice_mean", "segmentation Dice"),
                            ("folding_percent_mean", "folding %")):
             if isinstance(metrics.get(key), (int, float)):
                 figures.append(f"{label} {metrics[key]:.3f}")
-        validation = (f"<br>Validation ({metrics.get('validation_pairs', '?')} pairs): " + ", ".join(figures)
+        pairs = metrics.get("validation_pairs", metrics.get("heldout_synthetic_pairs", "?"))
+        validation = (f"<br>Validation ({pairs} pairs): " + ", ".join(figures)
                       + (f"<br><i>{metrics['note']}</i>" if metrics.get("note") else "")) if figures else \
             "<br>Validation: <i>this model card reports no validation figures</i>"
         return (f"<b>{card.get('name', '')}</b>: {card.get('description', '')}<br>"
                 f"Modality: {card.get('modality', '?')}; working grid {grid['size']} at {grid['spacing']} mm<br>"
                 f"Labels: {labels}<br>"
-                f"Training: {training.get('strategy', '?')}, {len(training.get('labelled_images', []))} labelled "
-                f"images; data: {sources or '?'}" + validation)
+                f"Training: {training.get('strategy', '?')}, "
+                + (f"{len(training['labelled_images'])} labelled images; " if "labelled_images" in training else "")
+                + f"data: {sources or '?'}" + (f"; held out: {data['held_out']}" if data.get("held_out") else "")
+                + validation)
 
     @staticmethod
     def volumeFlags(qc: dict, label_table=None) -> dict:

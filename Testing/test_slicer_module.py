@@ -255,9 +255,12 @@ def test_model_description_and_qc_text(module, tiny_checkpoint):
     assert "tiny-test-model" in text and "core, shell" in text
     assert "reports no validation figures" in text
     from JointRegSegLib.models import default_model_path
+    from JointRegSegLib import read_card
     embedded = module.JointRegSegLogic.describeModel(default_model_path())
-    assert "registration Dice 0.466" in embedded and "segmentation Dice 0.372" in embedded
-    assert "Validation (8 pairs)" in embedded
+    metrics = read_card(default_model_path())["metrics"]
+    assert f"registration Dice {metrics['registration_dice_mean']:.3f}" in embedded
+    assert f"segmentation Dice {metrics['segmentation_dice_mean']:.3f}" in embedded
+    assert f"Validation ({metrics['heldout_synthetic_pairs']} pairs)" in embedded and "Colin27" in embedded
     qc = {"folding_percent": 0.01, "jacobian_min": 0.5, "jacobian_max": 1.7, "timing_s": {"total": 3.2},
           "device": "cpu", "fixed_volumes_ml": {"core": 12.5}}
     assert "core" in module.JointRegSegLogic.describeQc(qc) and "0.0100 %" in module.JointRegSegLogic.describeQc(qc)

@@ -118,8 +118,13 @@ def test_terminology_from_the_card_or_by_name(ctx):
     assert entry.GetTypeModifierObject().GetCodeValue() == "7771000"
     # every structure of the embedded model has a specific SNOMED CT code (none falls back to "Tissue")
     from JointRegSegLib import read_card
-    from JointRegSegLib.models import default_model_path
-    codes = {e["name"]: label_terminology(e)["type"][1] for e in read_card(default_model_path())["labels"] if e["value"]}
+    from JointRegSegLib.models import EMBEDDED_MODELS, default_model_path
+    default_labels = [e for e in read_card(default_model_path())["labels"] if e["value"]]
+    assert all(tuple(label_terminology(e)["type"]) == tuple(e["terminology"]["type"]) for e in default_labels)
+    assert {label_terminology(e)["modifier"][2] for e in default_labels} == {"Left", "Right"}
+    # the earlier embedded model has no terminology in its card: codes come from the names
+    old = read_card(EMBEDDED_MODELS / "brain-t1-deepatlas.safetensors")["labels"]
+    codes = {e["name"]: label_terminology(e)["type"][1] for e in old if e["value"]}
     assert codes == {"caudate": "11000004", "putamen": "89278009", "pallidum": "14738005", "thalamus": "119406000",
                      "hippocampus": "5366008", "amygdala": "4958002", "cerebellum": "113305005",
                      "cerebral cortex": "40146001"}
