@@ -234,11 +234,8 @@ def colin27_heldout() -> tuple[sitk.Image, sitk.Image]:
     image = sitk.ReadImage(str(_require(MRICRON / "ch2bet.nii.gz", "apt-get install mricron-data")),
                            sitk.sitkFloat32)
     labels = sitk.ReadImage(str(MRICRON / "aal.nii.gz"))
-    lut = {}
-    for line in (MRICRON / "aal.nii.txt").read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit():
-            lut[int(parts[0])] = int(parts[2])
+    from .sources import aal_index_to_code
+    lut = aal_index_to_code()
     index = sitk.GetArrayFromImage(labels).astype(np.int64)
     table = np.zeros(max(lut) + 1, np.int64)
     for i, code in lut.items():

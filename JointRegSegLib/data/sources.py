@@ -74,16 +74,21 @@ def _require(path: Path, package: str, how: str) -> Path:
     return path
 
 
-def colin27() -> Subject:
-    image = sitk.ReadImage(str(_require(MRICRON / "ch2bet.nii.gz", "mricron-data", "apt-get install mricron-data")),
-                           sitk.sitkFloat32)
-    labels = sitk.ReadImage(str(MRICRON / "aal.nii.gz"))
+def aal_index_to_code() -> dict[int, int]:
+    """mricron's AAL voxel values -> AAL codes (the third column of aal.nii.txt, e.g. 2001)."""
     lut = {}
     for line in (MRICRON / "aal.nii.txt").read_text(encoding="utf-8").splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0].isdigit():
             lut[int(parts[0])] = int(parts[2])
-    return Subject("colin27", image, _relabel(labels, lut), "Colin27 ch2bet + AAL (Debian mricron-data)",
+    return lut
+
+
+def colin27() -> Subject:
+    image = sitk.ReadImage(str(_require(MRICRON / "ch2bet.nii.gz", "mricron-data", "apt-get install mricron-data")),
+                           sitk.sitkFloat32)
+    labels = sitk.ReadImage(str(MRICRON / "aal.nii.gz"))
+    return Subject("colin27", image, _relabel(labels, aal_index_to_code()), "Colin27 ch2bet + AAL (Debian mricron-data)",
                    "BSD-3-clause (MRIcron, Chris Rorden)")
 
 
