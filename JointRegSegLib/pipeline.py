@@ -121,7 +121,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                          affine: bool = True, refine_iterations: int = 0, refine_similarity: str | None = None,
                          refine_smoothness: float | None = None, guide_labels: tuple | None = None,
                          affine_method: str | None = None, segmentation_mode: str | None = None,
-                         progress=None, cancel=None) -> Result:
+                         network_passes: int | None = None, progress=None, cancel=None) -> Result:
     """Register `moving` onto `fixed` and segment both with a joint model (see DESIGN.md, core contract).
 
     `guide_labels` = (moving label map, fixed label map), values from the model's label table, e.g. an
@@ -134,6 +134,10 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     `affine_method`: "torch" (the fast MI affine on the working grid that the model was trained behind) or
     "classical" (SimpleITK Mattes MI); default: the model card's `prealignment`, else classical.
     `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
+    `network_passes`: how often the registration network runs, each pass on the moving image as warped by
+    the passes before (a recursive cascade with shared weights, no per-pair optimisation); the velocities
+    add up (first-order composition of the flows, still one diffeomorphism). Default: the card's
+    `inference.passes`, else 1.
     """
     reporter = Reporter(progress, cancel)
     started = time.perf_counter()
@@ -151,6 +155,11 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         raise ValueError(f"affine_method {affine_method!r}: choose 'torch' or 'classical'")
     seg_card = card.get("segmentation", {})
     segmentation_mode = segmentation_mode or seg_card.get("mode", "network")
+    if network_passes is None:
+        network_passes = card.get("inference", {}).get("passes", 1)
+    network_passes = int(network_passes)
+    if network_passes < 1:
+        raise ValueError(f"network_passes {network_passes}: must be at least 1")
     if affine:
         with reporter.stage("affine pre-alignment") as stage:
             # on canonically ordered copies: the result must not depend on how the files store their axes
@@ -180,6 +189,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
         with reporter.stage("network inference"), torch.no_grad():
             velocity = network.velocity(moving_t, fixed_t)
+            for _ in range(network_passes - 1):
+                warped_t = network.warp(moving_t, network.displacement(velocity, fixed_t.shape[2:]))
+                velocity = velocity + network.velocity(warped_t, fixed_t)
             fixed_logits = network.segment(fixed_t)
             moving_logits = network.segment(moving_t)
         if refine_iterations > 0:
@@ -232,6 +244,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "affine_prealignment": affine,
             "affine_method": affine_method if affine else None,
             "segmentation_mode": segmentation_mode,
+            "network_passes": network_passes,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
             "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,

@@ -172,3 +172,19 @@ def test_largest_component_removes_speckles():
     cleaned, _ = joint_segmentations(net, torch.zeros(1, 3, 10, 10, 10), logits, logits, (20, 20, 20), "network")
     labels = cleaned.argmax(1)[0]
     assert labels[17, 17, 17] == 0 and labels[8, 8, 8] == 1
+
+
+def test_same_anatomy_samples_differ_only_by_an_affine():
+    """`elastic=False` (the same-anatomy training pairs): the sampling grid is an affine map of the voxel
+    grid (zero second differences); with `elastic=True` it is not."""
+    synthesizer = BrainSynthesizer([_phantom_source()], _quiet_settings(velocity_std_mm=(4.0, 4.0)))
+
+    def curvature(sample):
+        grid = sample.grid[0].double()
+        return float((grid[2:] - 2 * grid[1:-1] + grid[:-2]).abs().max())
+
+    rigid = synthesizer.sample(np.random.default_rng(5), 0, elastic=False)
+    elastic = synthesizer.sample(np.random.default_rng(5), 0, elastic=True)
+    assert curvature(rigid) < 1e-5
+    assert curvature(elastic) > 1e-3
+    assert not torch.allclose(rigid.grid, elastic.grid)

@@ -180,14 +180,16 @@ class BrainSynthesizer:
                                   as_tensor(source.image, torch.float32)))
 
     def sample(self, rng: np.random.Generator, index: int | None = None, strength: float = 1.0,
-               deform: bool = True, use_real: bool | None = None, mixture_seed: int | None = None) -> Synthetic:
+               deform: bool = True, use_real: bool | None = None, mixture_seed: int | None = None,
+               elastic: bool = True) -> Synthetic:
         """One synthetic subject; `use_real` forces (or forbids) the source's real image, `mixture_seed`
-        fixes the random contrast (see `render`)."""
+        fixes the random contrast (see `render`); `deform=False`: the source's own geometry;
+        `elastic=False`: a random affine but the source's own shape (for pairs of one anatomy)."""
         index = int(rng.integers(len(self.sources))) if index is None else index
         generation, target, image = self._tensors[index]
         shape = generation.shape[2:]
         theta = random_theta(rng, self.settings, strength if deform else 0.0).to(self.device)
-        ddf = random_velocity_ddf(shape, rng, self.settings, self.device, strength if deform else 0.0)
+        ddf = random_velocity_ddf(shape, rng, self.settings, self.device, strength if deform and elastic else 0.0)
         grid = sampling_grid(theta, ddf)
         warped_generation = warp(generation, grid, "nearest")
         if use_real is None:

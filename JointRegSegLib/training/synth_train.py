@@ -95,8 +95,10 @@ class SynthPairs:
     """Aligned synthetic training pairs exactly as inference sees them (normalised, affinely pre-aligned)."""
 
     def __init__(self, synthesizer: BrainSynthesizer, intensity: dict, affine_schedule=TRAIN_AFFINE_SCHEDULE,
-                 affine_samples: int = 8000, same_contrast_probability: float = 0.7):
+                 affine_samples: int = 8000, same_contrast_probability: float = 0.7,
+                 same_anatomy_probability: float = 0.0):
         self.synthesizer = synthesizer
+        self.same_anatomy_probability = same_anatomy_probability
         self.same_contrast_probability = same_contrast_probability
         self.same_contrast = False
         self.affine_samples = affine_samples
@@ -108,15 +110,18 @@ class SynthPairs:
         # contrast of the pair: both real images (the run-time case) when the source has one, one shared
         # random mixture, or two independent mixtures (contrast-agnostic, as SynthMorph)
         draw = rng.random()
+        # pairs of one anatomy under different affines (no relative deformation): after pre-alignment the
+        # right answer is the identity, so the network learns to add no deformation nobody asked for
+        elastic = not (self.same_anatomy_probability > 0 and rng.random() < self.same_anatomy_probability)
         has_real = self.synthesizer.sources[index].image is not None
         if draw < self.same_contrast_probability:
             both_real = has_real and rng.random() < 0.6
             seed = None if both_real else int(rng.integers(1 << 30))
-            fixed = self.synthesizer.sample(rng, index, use_real=both_real, mixture_seed=seed)
-            moving = self.synthesizer.sample(rng, index, use_real=both_real, mixture_seed=seed)
+            fixed = self.synthesizer.sample(rng, index, use_real=both_real, mixture_seed=seed, elastic=elastic)
+            moving = self.synthesizer.sample(rng, index, use_real=both_real, mixture_seed=seed, elastic=elastic)
         else:
-            fixed = self.synthesizer.sample(rng, index)
-            moving = self.synthesizer.sample(rng, index)
+            fixed = self.synthesizer.sample(rng, index, elastic=elastic)
+            moving = self.synthesizer.sample(rng, index, elastic=elastic)
         self.same_contrast = draw < self.same_contrast_probability
         fixed_image = normalize(fixed.image, self.intensity)
         moving_image = normalize(moving.image, self.intensity)
@@ -143,7 +148,7 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     synthesizer = BrainSynthesizer(sources, settings, dev)
     pairs = SynthPairs(synthesizer, config["intensity"], tuple(tuple(s) for s in config.get(
         "train_affine_schedule", TRAIN_AFFINE_SCHEDULE)), same_contrast_probability=config.get(
-        "same_contrast_probability", 0.7))
+        "same_contrast_probability", 0.7), same_anatomy_probability=config.get("same_anatomy_probability", 0.0))
 
     partial = out_path.with_suffix(".partial.safetensors")
     state_path = out_path.with_suffix(".state.json")
