@@ -31,17 +31,43 @@ def _mass_center(image: torch.Tensor) -> torch.Tensor:
     return torch.stack(coords, dim=1)
 
 
-def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: torch.Tensor | None = None):
-    """Negative mutual information of two [0, 1] images with Gaussian Parzen windows."""
-    centres = torch.linspace(0, 1, bins, device=a.device, dtype=a.dtype)
+class _Adam:
+    """Adam (Kingma & Ba) for a few tensors, as torch.optim.Adam with its defaults computes it: importing
+    torch.optim pulls in torch._dynamo, 1.7 s of a cold run's start-up spent before the first step."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps, self.steps = list(params), lr, betas, eps, 0
+        self.first = [torch.zeros_like(p) for p in self.params]
+        self.second = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.first, self.second):
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denominator = (v / (1 - b2 ** self.steps)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denominator, value=-self.lr / (1 - b1 ** self.steps))
+
+
+def _parzen(values: torch.Tensor, bins: int = 24) -> torch.Tensor:
+    """Gaussian Parzen window weights (N, bins) of [0, 1] values, each row summing to 1."""
+    centres = torch.linspace(0, 1, bins, device=values.device, dtype=values.dtype)
     sigma = 0.5 / (bins - 1)
-    wa = torch.exp(-((a.reshape(-1, 1) - centres) ** 2) / (2 * sigma ** 2))
-    wb = torch.exp(-((b.reshape(-1, 1) - centres) ** 2) / (2 * sigma ** 2))
+    weights = torch.exp(-((values.reshape(-1, 1) - centres) ** 2) / (2 * sigma ** 2))
+    return weights / weights.sum(1, keepdim=True).clamp_min(1e-8)
+
+
+def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: torch.Tensor | None = None,
+                        b_weights: torch.Tensor | None = None):
+    """Negative mutual information of two [0, 1] images with Gaussian Parzen windows (`b_weights`: the
+    precomputed windows of `b`, which does not change while the metric is optimised)."""
+    wa = _parzen(a, bins)
+    wb = _parzen(b, bins) if b_weights is None else b_weights
     if mask is not None:
         keep = mask.reshape(-1, 1).to(a.dtype)
         wa, wb = wa * keep, wb * keep
-    wa = wa / wa.sum(1, keepdim=True).clamp_min(1e-8)
-    wb = wb / wb.sum(1, keepdim=True).clamp_min(1e-8)
     joint = wa.t() @ wb
     joint = joint / joint.sum().clamp_min(1e-8)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
@@ -75,18 +101,21 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHED
     linear = torch.zeros(1, 3, 3, dtype=fixed.dtype, device=fixed.device, requires_grad=True)
     translation = shift.clone().detach().view(1, 3, 1).requires_grad_(True)
     eye = torch.eye(3, dtype=fixed.dtype, device=fixed.device)[None]
-    optimizer = torch.optim.Adam([linear, translation], lr=learning_rate)
+    optimizer = _Adam([linear, translation], learning_rate)
     with torch.enable_grad():
         for pool, iterations in schedule:
             fixed_level = F.avg_pool3d(fixed, pool) if pool > 1 else fixed
             moving_level = F.avg_pool3d(moving, pool) if pool > 1 else moving
+            # one sample set per level, as ITK's Mattes metric keeps its samples: the fixed side's Parzen
+            # windows are then computed once per level instead of every iteration
+            points, fixed_values = _sample_points(fixed_level, samples, generator)
+            fixed_weights = _parzen(fixed_values)
             for _ in range(iterations):
-                points, fixed_values = _sample_points(fixed_level, samples, generator)
                 mapped = points @ (eye + linear)[0].t() + translation[0, :, 0]
                 warped = F.grid_sample(moving_level, mapped.view(1, 1, 1, -1, 3), mode="bilinear",
                                        padding_mode="zeros", align_corners=False).view(-1)
-                loss = _mutual_information(warped, fixed_values)
-                optimizer.zero_grad(set_to_none=True)
+                loss = _mutual_information(warped, fixed_values, b_weights=fixed_weights)
+                linear.grad = translation.grad = None
                 loss.backward()
                 optimizer.step()
     return torch.cat([eye + linear, translation], dim=2).detach()

@@ -91,8 +91,45 @@ def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) 
             warnings.simplefilter("ignore", UserWarning)  # the view is read-only; nothing writes to it
             view = torch.from_numpy(sitk.GetArrayViewFromImage(on_ref))
         return view.argmax(dim=-1).to(torch.uint8).numpy()
+    # only inside the box where a structure can win: linear interpolation of voxels whose background
+    # probability exceeds 1/2 keeps it above 1/2, so no structure wins outside the dilated box of the rest
+    box = _structure_box(probs[..., 0] <= 0.5, logits_image, reference, transform)
+    labels = np.zeros(reference.GetSize()[::-1], np.uint8)
+    if box is None:
+        return labels
+    lo, hi = box
+    sub_reference = sitk.Image([int(h - l) for l, h in zip(lo, hi)], sitk.sitkUInt8)
+    sub_reference.SetSpacing(reference.GetSpacing())
+    sub_reference.SetDirection(reference.GetDirection())
+    sub_reference.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
     # slab by slab: the class probabilities on a large reference grid would take 4 bytes x classes per voxel
-    return resample_in_slabs(prob_image, reference, transform, argmax, np.uint8, pixel_type=sitk.sitkVectorFloat32)
+    labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = resample_in_slabs(
+        prob_image, sub_reference, transform, argmax, np.uint8, pixel_type=sitk.sitkVectorFloat32)
+    return labels
+
+
+def _structure_box(mask: np.ndarray, grid: sitk.Image, reference: sitk.Image, transform):
+    """Index box [lo, hi) (x, y, z) of `reference` whose points `transform` maps into the working-grid voxels
+    of `mask` (z, y, x) dilated by one voxel; None when the mask is empty. The whole reference when the
+    transform cannot be inverted."""
+    if not mask.any():
+        return None
+    size = np.array(reference.GetSize())
+    try:
+        to_reference = sitk.Transform() if transform is None else transform.GetInverse()
+    except RuntimeError:
+        return np.zeros(3, int), size
+    where = np.nonzero(mask)
+    first = np.array([w.min() for w in where])[::-1] - 1.0     # (x, y, z), one voxel of dilation
+    last = np.array([w.max() for w in where])[::-1] + 1.0
+    corners = [[float((first, last)[bit >> axis & 1][axis]) for axis in range(3)] for bit in range(8)]
+    points = [to_reference.TransformPoint(grid.TransformContinuousIndexToPhysicalPoint(c)) for c in corners]
+    indices = np.array([reference.TransformPhysicalPointToContinuousIndex(p) for p in points])
+    lo = np.clip(np.floor(indices.min(0)) - 1, 0, size).astype(int)
+    hi = np.clip(np.ceil(indices.max(0)) + 2, 0, size).astype(int)
+    if np.any(hi <= lo):
+        return None
+    return lo, hi
 
 
 def _guide_on(labels: sitk.Image, grid: sitk.Image, transform, role: str, label_table: list) -> torch.Tensor:
