@@ -64,7 +64,7 @@ def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: 
     """Negative mutual information of two [0, 1] images with Gaussian Parzen windows (`b_weights`: the
     precomputed windows of `b`, which does not change while the metric is optimised)."""
     wa = _parzen(a, bins)
-    wb = _parzen(b, bins) if b_weights is None else b_weights
+    wb = _parzen(b, bins) if b_weights is None else b_weights   # b may be None when b_weights is given
     if mask is not None:
         keep = mask.reshape(-1, 1).to(a.dtype)
         wa, wb = wa * keep, wb * keep
@@ -74,19 +74,18 @@ def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: 
     return -(joint * (torch.log(joint + 1e-8) - torch.log(pa @ pb + 1e-8))).sum()
 
 
-def _sample_points(fixed_level: torch.Tensor, count: int, generator: torch.Generator) -> tuple:
-    """`count` random voxel centres of the fixed image inside its foreground (normalised x, y, z) and the
-    fixed intensities there: the metric is estimated on samples, as elastix and ITK do."""
+def _foreground(fixed_level: torch.Tensor) -> tuple:
+    """Voxel centres of the fixed image's foreground (normalised x, y, z) and their Parzen windows, once per
+    level: each iteration then draws its samples from them (the metric is estimated on samples, as elastix
+    and ITK do; a fresh draw every iteration averages the sampling noise out of the optimum)."""
     shape = fixed_level.shape[2:]
     foreground = torch.nonzero(fixed_level[0, 0] > 0.02)
     if len(foreground) == 0:
         foreground = torch.nonzero(torch.ones(shape, dtype=torch.bool, device=fixed_level.device))
-    pick = foreground[torch.randint(len(foreground), (min(count, len(foreground)),), generator=generator)
-                      .to(foreground.device)]
     sizes = torch.tensor(shape, dtype=fixed_level.dtype, device=fixed_level.device)
-    normalised = ((2 * pick.to(fixed_level.dtype) + 1) / sizes - 1).flip(-1)      # (z, y, x) -> (x, y, z)
-    values = fixed_level[0, 0][pick[:, 0], pick[:, 1], pick[:, 2]]
-    return normalised, values
+    normalised = ((2 * foreground.to(fixed_level.dtype) + 1) / sizes - 1).flip(-1)      # (z, y, x) -> (x, y, z)
+    values = fixed_level[0, 0][foreground[:, 0], foreground[:, 1], foreground[:, 2]]
+    return normalised, _parzen(values)
 
 
 def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHEDULE,
@@ -106,15 +105,14 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHED
         for pool, iterations in schedule:
             fixed_level = F.avg_pool3d(fixed, pool) if pool > 1 else fixed
             moving_level = F.avg_pool3d(moving, pool) if pool > 1 else moving
-            # one sample set per level, as ITK's Mattes metric keeps its samples: the fixed side's Parzen
-            # windows are then computed once per level instead of every iteration
-            points, fixed_values = _sample_points(fixed_level, samples, generator)
-            fixed_weights = _parzen(fixed_values)
+            all_points, all_weights = _foreground(fixed_level)
             for _ in range(iterations):
+                pick = torch.randint(len(all_points), (min(samples, len(all_points)),), generator=generator)
+                points, fixed_weights = all_points[pick], all_weights[pick]
                 mapped = points @ (eye + linear)[0].t() + translation[0, :, 0]
                 warped = F.grid_sample(moving_level, mapped.view(1, 1, 1, -1, 3), mode="bilinear",
                                        padding_mode="zeros", align_corners=False).view(-1)
-                loss = _mutual_information(warped, fixed_values, b_weights=fixed_weights)
+                loss = _mutual_information(warped, None, b_weights=fixed_weights)
                 linear.grad = translation.grad = None
                 loss.backward()
                 optimizer.step()
