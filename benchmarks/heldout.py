@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                JointRegSegMethod(args.model, 0, "cpu", name="torch affine only", segment=False,
                                  affine_method="torch", segmentation_mode="network"),
                JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg (network only)", segmentation_mode="fusion"),
+               JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg, one network pass", segment=False,
+                                 network_passes=1),
                JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg seg=network", segmentation_mode="network"),
                JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg seg=propagation",
                                  segmentation_mode="propagation"),
