@@ -210,3 +210,18 @@ def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
     with pytest.raises(JointRegSegError, match=r"label values \[3, 6\] are not in the model's label table"):
         finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors", tmp_path / "unlabelled")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_validation_note_says_when_validation_shares_an_anatomy_with_training():
+    from types import SimpleNamespace
+    from JointRegSegLib.training.evaluate import validation_note
+    table = [{"value": 1}, {"value": 2}, {"value": 3}]
+    items = [{"name": "a0", "source": "colin27"}, {"name": "b0", "source": "mni2009c"},
+             {"name": "v0", "source": "colin27"}, {"name": "v1", "source": "kmeans"}]
+    shared = SimpleNamespace(manifest={"items": items, "validation_pairs": [{"moving": "v0", "fixed": "v1"}]},
+                             train=["a0", "b0"])
+    note = validation_note(shared, table)
+    assert "3 structures" in note and "colin27" in note and "do not measure generalisation" in note
+    unseen = SimpleNamespace(manifest={"items": items, "validation_pairs": [{"moving": "v1", "fixed": "v1"}]},
+                             train=["a0", "b0"])
+    assert "held out of training" in validation_note(unseen, table)

@@ -42,5 +42,21 @@ def evaluate_pairs(model, data, refine_iterations: int = 0) -> dict:
     return {"validation_pairs": len(reg), "registration_dice_mean": float(np.mean(reg)),
             "dice_before_registration": float(np.mean(before)), "segmentation_dice_mean": float(np.mean(seg)),
             "folding_percent_mean": float(np.mean(folding)), "refine_iterations": refine_iterations,
-            "note": "mean Dice over the 8 structures, on the working grid; validation subjects are synthetic "
-                    "variants of the two labelled anatomies"}
+            "note": validation_note(data, table)}
+
+
+def validation_note(data, table) -> str:
+    """What the validation figures measure, read from the manifest: how many structures, and whether the
+    validation subjects share an anatomy with training (then the figures are optimistic for unseen brains)."""
+    items = {e["name"]: e for e in data.manifest.get("items", [])}
+    source = lambda name: items.get(name, {}).get("source", "unknown")  # noqa: E731
+    names = {n for pair in data.manifest["validation_pairs"] for n in (pair["moving"], pair["fixed"])}
+    val_sources = sorted({source(n) for n in names})
+    train_sources = {source(n) for n in data.train}
+    shared = [s for s in val_sources if s in train_sources]
+    text = (f"mean Dice over the {len(table)} structures of the label table, on the working grid; validation "
+            f"subjects come from {', '.join(val_sources)}")
+    if shared:
+        return (f"{text}, anatomies that training also used ({', '.join(shared)}): these figures do not measure "
+                "generalisation to unseen anatomy")
+    return f"{text}, anatomies held out of training"
