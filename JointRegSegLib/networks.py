@@ -192,6 +192,17 @@ class UReSNet(nn.Module):
 ARCHITECTURES = {"unet-pair": JointRegSegNet, "uresnet": UReSNet}
 
 
+def cascade_velocity(network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """The network run `passes` times, each pass on the moving image as warped by the passes before (a
+    recursive cascade with shared weights); the velocities add up (first-order composition of the flows,
+    still one diffeomorphism)."""
+    velocity = network.velocity(moving, fixed)
+    for _ in range(passes - 1):
+        warped = network.warp(moving, network.displacement(velocity, fixed.shape[2:]))
+        velocity = velocity + network.velocity(warped, fixed)
+    return velocity
+
+
 def build_network(architecture: dict, num_classes: int) -> nn.Module:
     from .errors import CheckpointError
     name = architecture.get("name")

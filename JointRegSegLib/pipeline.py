@@ -22,6 +22,7 @@ from .geometry import (border_taper, canonical_storage, displacement_image, disp
 from .errors import InputImageError
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
+from .networks import cascade_velocity
 from .progress import Reporter
 from .qc import determinant_stats, label_volumes_ml, volume_flags
 from .refine import refine_velocity
@@ -171,10 +172,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     `affine_method`: "torch" (the fast MI affine on the working grid that the model was trained behind) or
     "classical" (SimpleITK Mattes MI); default: the model card's `prealignment`, else classical.
     `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
-    `network_passes`: how often the registration network runs, each pass on the moving image as warped by
-    the passes before (a recursive cascade with shared weights, no per-pair optimisation); the velocities
-    add up (first-order composition of the flows, still one diffeomorphism). Default: the card's
-    `inference.passes`, else 1.
+    `network_passes`: how often the registration network runs (`networks.cascade_velocity`; no per-pair
+    optimisation). Default: the card's `inference.passes`, else 1.
     """
     reporter = Reporter(progress, cancel)
     started = time.perf_counter()
@@ -225,10 +224,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
         moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
         with reporter.stage("network inference"), torch.no_grad():
-            velocity = network.velocity(moving_t, fixed_t)
-            for _ in range(network_passes - 1):
-                warped_t = network.warp(moving_t, network.displacement(velocity, fixed_t.shape[2:]))
-                velocity = velocity + network.velocity(warped_t, fixed_t)
+            velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
             fixed_logits = network.segment(fixed_t)
             moving_logits = network.segment(moving_t)
         if refine_iterations > 0:
