@@ -13,7 +13,7 @@ import torch
 
 from .affine import affine_prealign
 from .affine_torch import prealign as prealign_torch
-from .segfusion import joint_segmentations
+from .segfusion import joint_segmentations, lateral_axis, mirror_averaged_segment, mirror_permutation
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
 from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
@@ -219,14 +219,21 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     similarity = refine_similarity or refine_cfg.get("similarity", "lncc")
     smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
 
+    permutation = mirror_permutation(model.label_table) if seg_card.get("mirror_average") else None
+
+    def segment(network, image):
+        if permutation is None:
+            return network.segment(image)
+        axis = lateral_axis(card["working_grid"].get("direction", np.eye(3).ravel()))
+        return mirror_averaged_segment(network, image, permutation, axis)
+
     def infer(dev: torch.device):
         network = model.network.to(dev)
         fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
         moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
         with reporter.stage("network inference"), torch.no_grad():
             velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
-            fixed_logits = network.segment(fixed_t)
-            moving_logits = network.segment(moving_t)
+            fixed_logits, moving_logits = segment(network, fixed_t), segment(network, moving_t)
         if refine_iterations > 0:
             with reporter.stage("test-time refinement") as stage:
                 velocity = refine_velocity(
@@ -278,6 +285,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "affine_method": affine_method if affine else None,
             "segmentation_mode": segmentation_mode,
             "network_passes": network_passes,
+            "segmentation_mirror_average": permutation is not None,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
             "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,

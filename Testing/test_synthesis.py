@@ -188,3 +188,46 @@ def test_same_anatomy_samples_differ_only_by_an_affine():
     assert curvature(rigid) < 1e-5
     assert curvature(elastic) > 1e-3
     assert not torch.allclose(rigid.grid, elastic.grid)
+
+
+def test_mirror_permutation_pairs_left_and_right_structures():
+    from JointRegSegLib.data.label_table import LABEL_TABLE
+    from JointRegSegLib.segfusion import lateral_axis, mirror_permutation
+    permutation = mirror_permutation(LABEL_TABLE)
+    names = {e["value"]: e["name"] for e in LABEL_TABLE}
+    assert permutation[0] == 0
+    for value in range(1, 15):
+        assert names[permutation[value]].split(" ", 1)[1] == names[value].split(" ", 1)[1]
+        assert names[permutation[value]].split(" ")[0] != names[value].split(" ")[0]
+    assert mirror_permutation([{"value": 0, "name": "background"}, {"value": 1, "name": "liver"}]) is None
+    assert lateral_axis(np.eye(3).ravel()) == 4
+    assert lateral_axis(np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]]).ravel()) == 2   # the k axis runs left-right
+
+
+def test_mirror_averaged_segmentation_of_a_symmetric_image_is_left_right_consistent():
+    """A network that favours one side (as a trained one may) gives, mirror-averaged, the same structure
+    on both sides of a mirror-symmetric image, labelled left on the left and right on the right."""
+    from JointRegSegLib.segfusion import mirror_averaged_segment
+    table = [{"value": 0, "name": "background"}, {"value": 1, "name": "left blob"},
+             {"value": 2, "name": "right blob"}]
+    from JointRegSegLib.segfusion import mirror_permutation
+
+    class Biased(torch.nn.Module):
+        def segment(self, image):
+            bright = image[:, 0] > 0.5
+            x = torch.arange(image.shape[-1]).view(1, 1, 1, -1).expand_as(bright)
+            logits = torch.zeros(1, 3, *image.shape[2:])
+            logits[:, 0] = 1.0
+            logits[:, 1] = torch.where(bright & (x >= image.shape[-1] // 2), 4.0, -4.0)  # finds the left one only
+            logits[:, 2] = torch.where(bright & (x < image.shape[-1] // 2), 0.5, -4.0)   # the right one barely
+            return logits
+
+    image = torch.zeros(1, 1, 8, 8, 16)
+    image[..., 2:6, 2:6, 2:5] = 1.0
+    image[..., 2:6, 2:6, 11:14] = 1.0          # the mirror image of the first blob
+    labels = mirror_averaged_segment(Biased(), image, mirror_permutation(table), 4).argmax(1)[0]
+    assert (labels[2:6, 2:6, 11:14] == 1).all()  # +x is the patient's left (LPS)
+    assert (labels[2:6, 2:6, 2:5] == 2).all()
+    assert (labels == 1).sum() == (labels == 2).sum()
+    plain = Biased().segment(image).argmax(1)[0]
+    assert (plain[2:6, 2:6, 2:5] == 0).all()     # without the mirror the weak side is lost
