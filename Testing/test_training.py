@@ -215,7 +215,7 @@ def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
 def test_validation_note_says_when_validation_shares_an_anatomy_with_training():
     from types import SimpleNamespace
     from JointRegSegLib.training.evaluate import validation_note
-    table = [{"value": 1}, {"value": 2}, {"value": 3}]
+    table = [{"value": 0}, {"value": 1}, {"value": 2}, {"value": 3}]
     items = [{"name": "a0", "source": "colin27"}, {"name": "b0", "source": "mni2009c"},
              {"name": "v0", "source": "colin27"}, {"name": "v1", "source": "kmeans"}]
     shared = SimpleNamespace(manifest={"items": items, "validation_pairs": [{"moving": "v0", "fixed": "v1"}]},

@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shift-mm", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--passes", type=int, default=None, help="network passes (default: the model card's)")
     parser.add_argument("--out", default=str(HERE / "rigid_motion"))
     args = parser.parse_args(argv)
     os.environ.update({"OMP_NUM_THREADS": str(args.threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(args.threads)})
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         moving_grid = make_grid((120, 144, 72), (1.5, 1.5, 2.5), np.array(rotation).reshape(3, 3), center)
         moving = sitk.Resample(brain, moving_grid, motion, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         truth = motion.GetInverse()
-        result = register_and_segment(moving, fixed, model, device="cpu")
+        result = register_and_segment(moving, fixed, model, device="cpu", network_passes=args.passes)
         affine_err = mapping_error_mm(result.affine, truth, fixed, mask)
         full_err = mapping_error_mm(result.transform, truth, fixed, mask)
         rows.append({"motion": i, "affine_median": np.median(affine_err), "affine_p95": np.percentile(affine_err, 95),
