@@ -130,6 +130,7 @@ def test_bad_pairs_file_is_named_before_any_work(cohort, capsys, header, rows, m
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_batch_shards_over_two_torchrun_processes(cohort):
     folder, write_csv, model = cohort
     pairs = write_csv([(f"p{i}", *(("images/m.nrrd", "images/f.nii.gz") if i % 2 else
@@ -157,6 +158,7 @@ def test_batch_shards_over_two_torchrun_processes(cohort):
     assert [r["status"] for r in _summary(out).values()] == ["skipped"] * 4 + ["failed"]
 
 
+@pytest.mark.slow
 def test_cold_run_imports_only_what_it_needs_and_matches_full_imports(tmp_path, phantom_pair, tiny_checkpoint):
     """`run` skips MONAI's extras (matplotlib, pandas, scipy's signal and stats, scikit-learn); the results
     equal those with a full MONAI."""

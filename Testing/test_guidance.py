@@ -24,6 +24,7 @@ def _warped_truth(result, moving_labels):
     return sitk.Resample(moving_labels, result.displacement, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
+@pytest.mark.slow
 def test_corrected_labels_improve_the_registration_at_once(tiny_model, shifted_pair):
     # The annotator's correction says the structures sit 7 mm away from where the fixed image's intensities put
     # them (a boundary the image does not show): image similarity alone cannot find that, the guidance must.

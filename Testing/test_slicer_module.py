@@ -384,6 +384,7 @@ def phantom_labels_shifted(points):
     return phantom_labels(points + np.array([2.0, -3.0, 1.5]))
 
 
+@pytest.mark.slow
 def test_logic_finetunes_in_a_child_process_and_never_touches_the_original(module, ctx, pair_nodes, tmp_path,
                                                                            tiny_checkpoint):
     import hashlib

@@ -151,6 +151,7 @@ def test_guide_segments_match_by_terminology_case_or_synonym(ctx):
 
 # --- nodes left in the scene ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_runs_guide_export_and_add_case_leave_no_orphan_nodes(module, ctx, tiny_checkpoint, tmp_path):
     moving, fixed = add_pair()
     labels_m = sitk.GetArrayFromImage(sample_on(grid_for("lps-oblique"), phantom_labels))
@@ -482,6 +483,7 @@ def test_the_modules_self_test_runs_offline_on_the_sample_pair(module, ctx):
     assert outcome.wasSuccessful(), outcome.failures + outcome.errors
 
 
+@pytest.mark.slow
 def test_module_tests_fail_without_slicer_core(tmp_path):
     """CI must fail, not skip, when slicer-core is missing."""
     script = f"""

@@ -66,6 +66,7 @@ def wait_for_stage(job, word, timeout_s=600):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_clicks_and_a_cancel_share_one_warm_process(logic, ctx, pair, tiny_checkpoint):
     moving, fixed = pair
     worker = logic.worker()
@@ -96,6 +97,7 @@ def test_two_clicks_and_a_cancel_share_one_warm_process(logic, ctx, pair, tiny_c
     assert third.fixed_segmentation.GetSegmentation().GetNumberOfSegments() == 2
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_replaced_and_a_death_mid_run_changes_nothing(logic, ctx, pair, tiny_checkpoint):
     moving, fixed = pair
     worker = logic.worker()
@@ -125,6 +127,7 @@ def test_a_dead_worker_is_replaced_and_a_death_mid_run_changes_nothing(logic, ct
     assert worker.starts == 3 and reply["worker"]["requests"] == 1
 
 
+@pytest.mark.slow
 def test_a_worker_that_ignores_cancel_is_stopped_the_hard_way(logic, ctx, pair, tiny_checkpoint):
     moving, fixed = pair
     worker = logic.worker()

@@ -140,6 +140,7 @@ def test_other_strategies_train_and_record_their_paper(tmp_path, tiny_dataset, s
     assert not (tmp_path / "m.aux.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_with_two_cpu_processes(tmp_path, tiny_dataset):
     import os
     import subprocess
