@@ -59,15 +59,10 @@ def _parzen(values: torch.Tensor, bins: int = 24) -> torch.Tensor:
     return weights / weights.sum(1, keepdim=True).clamp_min(1e-8)
 
 
-def _mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 24, mask: torch.Tensor | None = None,
-                        b_weights: torch.Tensor | None = None):
-    """Negative mutual information of two [0, 1] images with Gaussian Parzen windows (`b_weights`: the
-    precomputed windows of `b`, which does not change while the metric is optimised)."""
-    wa = _parzen(a, bins)
-    wb = _parzen(b, bins) if b_weights is None else b_weights   # b may be None when b_weights is given
-    if mask is not None:
-        keep = mask.reshape(-1, 1).to(a.dtype)
-        wa, wb = wa * keep, wb * keep
+def _mutual_information(moving_values: torch.Tensor, fixed_windows: torch.Tensor, bins: int = 24):
+    """Negative mutual information of [0, 1] moving values against the fixed samples' Parzen windows
+    (`_parzen`, computed once per level: the fixed side does not change while the metric is optimised)."""
+    wa, wb = _parzen(moving_values, bins), fixed_windows
     joint = wa.t() @ wb
     joint = joint / joint.sum().clamp_min(1e-8)
     pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
@@ -112,7 +107,7 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHED
                 mapped = points @ (eye + linear)[0].t() + translation[0, :, 0]
                 warped = F.grid_sample(moving_level, mapped.view(1, 1, 1, -1, 3), mode="bilinear",
                                        padding_mode="zeros", align_corners=False).view(-1)
-                loss = _mutual_information(warped, None, b_weights=fixed_weights)
+                loss = _mutual_information(warped, fixed_weights)
                 linear.grad = translation.grad = None
                 loss.backward()
                 optimizer.step()

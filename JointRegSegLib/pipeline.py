@@ -220,12 +220,12 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
 
     permutation = mirror_permutation(model.label_table) if seg_card.get("mirror_average") else None
+    mirror_axis = lateral_axis(card["working_grid"].get("direction", np.eye(3).ravel()))
 
     def segment(network, image):
         if permutation is None:
             return network.segment(image)
-        axis = lateral_axis(card["working_grid"].get("direction", np.eye(3).ravel()))
-        return mirror_averaged_segment(network, image, permutation, axis)
+        return mirror_averaged_segment(network, image, permutation, mirror_axis)
 
     def infer(dev: torch.device):
         network = model.network.to(dev)

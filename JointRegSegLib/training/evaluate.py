@@ -54,7 +54,8 @@ def validation_note(data, table) -> str:
     val_sources = sorted({source(n) for n in names})
     train_sources = {source(n) for n in data.train}
     shared = [s for s in val_sources if s in train_sources]
-    text = (f"mean Dice over the {sum(int(e['value']) != 0 for e in table)} structures of the label table, on the working grid; validation "
+    structures = sum(int(e["value"]) != 0 for e in table)
+    text = (f"mean Dice over the {structures} structures of the label table, on the working grid; validation "
             f"subjects come from {', '.join(val_sources)}")
     if shared:
         return (f"{text}, anatomies that training also used ({', '.join(shared)}): these figures do not measure "

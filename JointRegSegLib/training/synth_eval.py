@@ -80,6 +80,7 @@ def heldout_synthetic_metrics(model, pairs: int = 6, seed: int = 1234, source=No
             "real_contrast": real,
         })
     mean = lambda key: round(float(np.mean([r[key] for r in rows])), 4)
+    structures = sum(int(e["value"]) != 0 for e in table)
     return {"heldout_synthetic_pairs": len(rows), "registration_dice_affine_only": mean("dice_affine"),
             "registration_dice_mean": mean("dice_network"), "segmentation_dice_mean": mean("segmentation_dice"),
             "epe_affine_only_mm": mean("epe_affine_mm"), "epe_network_mm": mean("epe_network_mm"),
@@ -87,4 +88,4 @@ def heldout_synthetic_metrics(model, pairs: int = 6, seed: int = 1234, source=No
             "network_passes": passes,
             "note": f"network only ({passes} pass{'es' if passes > 1 else ''}), working grid; synthetic pairs of "
                     f"{source.name}, an anatomy held out of training (half with its real T1 contrast, half with one "
-                    f"random contrast shared by both images); mean Dice over the {sum(int(e['value']) != 0 for e in table)} structures"}
+                    f"random contrast shared by both images); mean Dice over the {structures} structures"}
