@@ -231,3 +231,47 @@ def test_mirror_averaged_segmentation_of_a_symmetric_image_is_left_right_consist
     assert (labels == 1).sum() == (labels == 2).sum()
     plain = Biased().segment(image).argmax(1)[0]
     assert (plain[2:6, 2:6, 2:5] == 0).all()     # without the mirror the weak side is lost
+
+
+def test_heldout_dataset_never_trains_on_its_validation_anatomy(tmp_path, monkeypatch):
+    """`data build --held-out colin27`: training subjects come only from training sources, labelled images
+    alternate between the sources that carry label maps, validation subjects are all the held-out anatomy,
+    and each written label map lies inside its image's brain."""
+    from JointRegSegLib.data import atlas_sources, build_heldout
+    from JointRegSegLib.geometry import physical_points
+    from JointRegSegLib.training.dataset import load_fewshot
+    from JointRegSegLib.training.evaluate import validation_note
+
+    def phantom_on(grid, name, with_target):
+        points = physical_points(grid) - np.array(atlas_sources.COMMON_GRID["center_lps"])
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        radius = np.sqrt((x / 40) ** 2 + (y / 46) ** 2 + (z / 36) ** 2)   # inside the phantom image
+        generation = np.select([radius < 0.3, radius < 0.6, radius < 1.0], [3, 2, 1], 0).astype(np.int32)
+        target = np.select([radius < 0.3, (radius < 0.8) & (x > 0)], [1, 2], 0).astype(np.uint8)
+        image = (phantom_array(points) * (radius < 1.0)).astype(np.float32)
+        return SynthSource(name, generation, target if with_target else None, image, "test phantom", "n/a")
+
+    monkeypatch.setattr(atlas_sources, "training_sources", lambda grid: [
+        phantom_on(grid, "aal-like", True), phantom_on(grid, "aseg-like", True), phantom_on(grid, "unlabelled", False)])
+    colin = phantom_on(build_heldout.study_grid(4.0)[1], "colin", True)
+    colin_image = sitk.GetImageFromArray(colin.image)
+    colin_image.CopyInformation(build_heldout.study_grid(4.0)[1])
+    colin_labels = sitk.GetImageFromArray(colin.target)
+    colin_labels.CopyInformation(colin_image)
+    monkeypatch.setattr(atlas_sources, "colin27_heldout", lambda: (colin_image, colin_labels))
+
+    folder = build_heldout.build_heldout_dataset(tmp_path / "data", seed=3, n_train=5, n_val=2, n_labelled=2,
+                                                 spacing=8.0)
+    data = load_fewshot(folder, {"kind": "percentile", "lower": 1.0, "upper": 99.5})
+    items = {e["name"]: e for e in data.manifest["items"]}
+    assert [items[n]["source"] for n in data.labelled] == ["aal-like", "aseg-like"]
+    assert {items[n]["source"] for n in data.train} == {"aal-like", "aseg-like", "unlabelled"}
+    assert {items[n]["source"] for n in data.val} == {"colin27"} and len(data.val) == 2
+    assert data.manifest["held_out"] == ["colin27"]
+    assert list(data.images[data.val[0]].shape[2:]) == data.manifest["working_grid"]["size"][::-1]
+    for name, labels in {**data.labels, **data.hidden_labels}.items():
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / items[name]["image"])))
+        assert (labels[0, 0].numpy() > 0).sum() > 20
+        # labels follow the image's deformation (the generator's occasional crop blanks a slab of image only)
+        assert (raw[labels[0, 0].numpy() > 0] > 0).mean() > 0.8, name
+    assert "anatomies held out of training" in validation_note(data, data.manifest["label_table"])

@@ -1,20 +1,27 @@
-"""The five seed methods side by side: same few-shot data (1 and 5 labelled images), same step budget,
-same validation pairs.
+"""The five seed methods side by side on anatomy held out of training, over several training seeds.
 
-    python benchmarks/methods_study.py --data DATA_FEWSHOT [--labelled 1 5] [--steps 300 150 300]
-                                       [--jobs 2] [--out DIR]
+    python -m JointRegSegLib data build --held-out colin27 --out DATA --train 24 --val 6 --labelled 4
+    python benchmarks/methods_study.py --data DATA [--seeds 0 1 2] [--steps 200 300 200] [--jobs 2]
+                                       [--refine 50] [--out benchmarks/methods] [--work benchmarks/work/methods]
 
-For each labelled count a view of the dataset is made (the same images; only the first N labelled
-candidates, in the builder's order, may supervise), each method trains from its committed config in
-configs/ with the step budget replaced by --steps (registration pretraining, segmentation pretraining,
-joint), one `jointregseg train` process per model (`--jobs` at a time, threads split between them), and
-every model is evaluated in physical space on the validation pairs with `jointregseg evaluate`'s code.
-Finished models are reused, so a stopped study continues. Writes DIR/METHODS.md and DIR/results.csv.
+Training data: `DATA` (see JointRegSegLib/data/build_heldout.py): synthetic subjects of every offline
+source except Colin27; the labelled images are distinct synthetic anatomies carrying two distinct label
+maps. Each method trains from its committed config in configs/, with the step budget replaced by
+--steps (registration pretraining, segmentation pretraining, joint) and its seed by each of --seeds,
+one `jointregseg train` process per model, --jobs at a time, one thread each. Each trained model, and
+each method's untrained initialisation (seed 0), is then evaluated in physical space on the pairs of
+benchmarks/heldout.py: real cross-template pairs (Colin27 against the MNI152 / ICBM 2009c templates;
+Colin27 is held out, the templates' anatomy was a training source) and synthetic Colin27 subjects onto
+Colin27 (both sides held out). Network only (after the fast torch affine) and refined (--refine
+iterations). ANTs SyN (antspyx defaults) and the classical affine run on the same pairs in the same
+run. Finished models and evaluations are reused, so a stopped study continues.
+Writes OUT/METHODS.md (mean +- sd over seeds) and OUT/results.csv (one row per model and pair).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
 import subprocess
@@ -23,118 +30,225 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-
-from JointRegSegLib.evaluation.evaluate import _fmt  # noqa: E402  (the tables share one number format)
+sys.path.insert(0, str(HERE))
 
 METHODS = {"deepatlas": "configs/brain-t1-deepatlas.json", "deeprs": "configs/brain-t1-deeprs.json",
            "brbs": "configs/brain-t1-brbs.json", "pcreg-rt": "configs/brain-t1-pcreg-rt.json",
            "uresnet": "configs/brain-t1-uresnet.json"}
+STEP_KEYS = ("reg_pretrain", "seg_pretrain", "joint")
 
 
-def dataset_view(data: Path, labelled: int, folder: Path) -> Path:
-    """The dataset with only its first `labelled` label candidates usable for training."""
-    manifest = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
-    candidates = [item for item in manifest["items"] if item["split"] == "train" and item["labels"]]
-    if labelled > len(candidates):
-        raise SystemExit(f"{data} has only {len(candidates)} training images with labels; cannot use {labelled}")
-    for k, item in enumerate(candidates):
-        item["labelled"] = k < labelled
-    manifest["n_labelled"] = labelled
-    folder.mkdir(parents=True, exist_ok=True)
-    for sub in ("images", "labels"):
-        link = folder / sub
-        if not link.exists():
-            link.symlink_to((data / sub).resolve(), target_is_directory=True)
-    (folder / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return folder
+def _one_thread_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
 
 
-def train_one(method: str, view: Path, steps: list[int], out: Path, threads: int) -> dict:
-    model = out / f"{method}.safetensors"
-    if not model.is_file():
-        config = json.loads((ROOT / METHODS[method]).read_text(encoding="utf-8"))
-        config["steps"] = dict(zip(("reg_pretrain", "seg_pretrain", "joint"), steps))
-        config["name"] = f"{method}-{view.name}"
-        config_path = out / f"{method}.config.json"
-        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONPATH": str(ROOT)}
-        with open(out / f"{method}.train.log", "a", encoding="utf-8") as log:
-            done = subprocess.run([sys.executable, "-m", "JointRegSegLib", "train", "--config", str(config_path),
-                                   "--data", str(view), "--out", str(model), "--device", "cpu"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+def train_one(method: str, seed: int, steps: list[int], data: Path, folder: Path) -> Path:
+    """Train (or reuse) one model; steps all 0 writes the method's initialisation."""
+    model = folder / f"{method}_seed{seed}.safetensors"
+    if model.is_file():
+        return model
+    config = json.loads((ROOT / METHODS[method]).read_text(encoding="utf-8"))
+    config["steps"] = dict(zip(STEP_KEYS, steps))
+    config["seed"] = seed
+    config["name"] = f"{method}-seed{seed}-{'-'.join(map(str, steps))}"
+    config_path = folder / f"{method}_seed{seed}.config.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    with open(folder / f"{method}_seed{seed}.train.log", "a", encoding="utf-8") as log:
+        done = subprocess.run([sys.executable, "-m", "JointRegSegLib", "train", "--config", str(config_path),
+                               "--data", str(data), "--out", str(model), "--device", "cpu"],
+                              stdout=log, stderr=subprocess.STDOUT, env=_one_thread_env())
+    if done.returncode:
+        raise RuntimeError(f"training {method} seed {seed} failed; see {folder / (model.stem + '.train.log')}")
+    return model
+
+
+def evaluate_one(model: Path, pairs_csv: Path, refine: int, out_csv: Path) -> Path:
+    """Evaluate one model on the held-out pairs in a one-thread child process (reused if done)."""
+    if not out_csv.is_file():
+        done = subprocess.run([sys.executable, str(Path(__file__)), "--evaluate-model", str(model), "--pairs",
+                               str(pairs_csv), "--refine", str(refine), "--evaluation-out", str(out_csv)],
+                              env=_one_thread_env(), capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"training {method} on {view.name} failed; see {out / (method + '.train.log')}")
-    from JointRegSegLib.card import read_card
-    card = read_card(model)
-    return {"model": model, "train_seconds": card["training"]["seconds_this_run"],
-            "parameters": card["parameter_count"]}
+            raise RuntimeError(f"evaluating {model.name} failed:\n{done.stderr[-3000:]}")
+    return out_csv
 
 
-def evaluate_models(pairs_csv: Path, trained: dict, out: Path) -> list[dict]:
+def _evaluate_model_main(model: str, pairs_csv: str, refine: int, out_csv: str) -> int:
+    import torch
+    torch.set_num_threads(1)
+    from JointRegSegLib.evaluation.evaluate import evaluate, read_pairs
+    from JointRegSegLib.evaluation.methods import JointRegSegMethod
+    methods = [JointRegSegMethod(model, 0, "cpu", name="network", affine_method="torch",
+                                 segmentation_mode="network")]
+    if refine:
+        methods.append(JointRegSegMethod(model, refine, "cpu", name="refined", affine_method="torch",
+                                         segmentation_mode="network"))
+    rows = evaluate(read_pairs(pairs_csv), methods, methods[0].model.card["labels"])
+    _write_rows(rows, Path(out_csv))
+    return 0
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    keys = ["pair", "method", "registration_dice", "segmentation_dice", "hd95_mm", "folding_percent", "seconds"]
+    partial = path.with_suffix(".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in ("registration_dice", "segmentation_dice", "hd95_mm", "folding_percent", "seconds"):
+            row[key] = float(row[key])
+    return rows
+
+
+def peers(pairs_csv: Path, out_csv: Path) -> list[dict]:
+    """ANTs SyN and the affine steps on the same pairs, two threads, one after the other."""
+    if out_csv.is_file():
+        return _read_rows(out_csv)
     import torch
     torch.set_num_threads(2)
-    from JointRegSegLib.evaluation.evaluate import evaluate, read_pairs, summarize, write_evaluation
-    from JointRegSegLib.evaluation.methods import AffineOnly, Identity, JointRegSegMethod
-    methods = [Identity(), AffineOnly()] + [JointRegSegMethod(info["model"], 0, "cpu", name=name)
-                                            for name, info in trained.items()]
-    label_table = methods[2].model.card["labels"]
-    rows = evaluate(read_pairs(pairs_csv), methods, label_table)
-    write_evaluation(rows, label_table, out)
-    return summarize(rows)
+    from JointRegSegLib.data.label_table import LABEL_TABLE
+    from JointRegSegLib.evaluation.evaluate import evaluate, read_pairs
+    from JointRegSegLib.evaluation.methods import AffineOnly, ExternalMethod, Identity
+    methods = [Identity(), AffineOnly(), ExternalMethod("ants-syn", [sys.executable, str(HERE / "peers.py"),
+                                                                      "ants-syn"])]
+    rows = evaluate(read_pairs(pairs_csv), methods, LABEL_TABLE)
+    _write_rows(rows, out_csv)
+    return rows
+
+
+def _group(pair: str) -> str:
+    return "synthetic" if pair.startswith("synthetic") else "real"
+
+
+def _per_seed(rows: list[dict], key: str, group: str | None = None) -> float:
+    values = [r[key] for r in rows if group is None or _group(r["pair"]) == group]
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> list[str]:
+    """results[(method, seed)] = rows of that model (methods 'network', 'refined'); seed 'init' = untrained."""
+    lines = ["| method | seeds | reg. Dice real, network | reg. Dice synthetic, network | seg. Dice network "
+             "(untrained) | reg. Dice real, refined | reg. Dice synthetic, refined | seg. Dice refined | "
+             "folding % network | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        trained = [results[(method, s)] for s in seeds if (method, s) in results]
+        if not trained:
+            continue
+        pick = lambda rows, name: [r for r in rows if r["method"] == name]  # noqa: E731
+        column = lambda name, key, group=None: _spread([_per_seed(pick(rows, name), key, group)  # noqa: E731
+                                                        for rows, _ in trained])
+        init = results.get((method, "init"))
+        init_seg = _per_seed(pick(init[0], "network"), "segmentation_dice") if init else float("nan")
+        lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} | "
+                     f"{column('network', 'registration_dice', 'synthetic')} | "
+                     f"{column('network', 'segmentation_dice')} ({init_seg:.3f}) | "
+                     f"{column('refined', 'registration_dice', 'real')} | "
+                     f"{column('refined', 'registration_dice', 'synthetic')} | {column('refined', 'segmentation_dice')} | "
+                     f"{column('network', 'folding_percent')} | {_spread([s for _, s in trained]).replace('.000', '')} |")
+    for name in dict.fromkeys(r["method"] for r in peer_rows):
+        mine = [r for r in peer_rows if r["method"] == name]
+        lines.append(f"| {name} (no training) | – | {_per_seed(mine, 'registration_dice', 'real'):.3f} | "
+                     f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | – | – | – | "
+                     f"{_per_seed(mine, 'folding_percent'):.4f} | – |")
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--labelled", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--data")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, nargs=3, default=[300, 150, 300],
-                        metavar=("REG_PRETRAIN", "SEG_PRETRAIN", "JOINT"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, nargs=3, default=[200, 300, 200], metavar=("REG", "SEG", "JOINT"))
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default=str(HERE / "work" / "methods"))
+    parser.add_argument("--refine", type=int, default=50)
+    parser.add_argument("--synthetic", type=int, default=2, help="synthetic Colin27 pairs")
+    parser.add_argument("--work", default=str(HERE / "work" / "methods"))
+    parser.add_argument("--out", default=str(HERE / "methods"))
+    parser.add_argument("--evaluate-model", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    parser.add_argument("--evaluation-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    data, out = Path(args.data).resolve(), Path(args.out).resolve()
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    views = {n: dataset_view(data, n, out / f"labelled_{n}" / "data") for n in args.labelled}
-    jobs = [(n, method) for n in args.labelled for method in args.methods]
+    if args.evaluate_model:
+        return _evaluate_model_main(args.evaluate_model, args.pairs, args.refine, args.evaluation_out)
+    if not args.data:
+        parser.error("--data is required (build it with `jointregseg data build --held-out colin27`)")
+    data, work, out = Path(args.data).resolve(), Path(args.work).resolve(), Path(args.out).resolve()
+    if json.loads((data / "dataset.json").read_text(encoding="utf-8")).get("held_out") != ["colin27"]:
+        raise SystemExit(f"{data} was not built with --held-out colin27: its validation anatomy may be a training one")
+    from heldout import build_pairs
+    pairs_csv = build_pairs(HERE / "work" / "heldout" / "pairs", args.synthetic)
+    models, evaluations = work / "models", work / "evaluations"
+    models.mkdir(parents=True, exist_ok=True)
+    evaluations.mkdir(parents=True, exist_ok=True)
+
+    def job(method, seed):
+        steps = [0, 0, 0] if seed == "init" else args.steps
+        began = time.perf_counter()
+        model = train_one(method, 0 if seed == "init" else seed, steps, data,
+                          models / ("init" if seed == "init" else "."))
+        trained_s = time.perf_counter() - began
+        rows = _read_rows(evaluate_one(model, pairs_csv, 0 if seed == "init" else args.refine,
+                                       evaluations / f"{method}_{seed}.csv"))
+        from JointRegSegLib.card import read_card
+        seconds = read_card(model)["training"].get("seconds_this_run", trained_s)
+        print(f"{method} seed {seed}: trained and evaluated", flush=True)
+        return rows, seconds
+
+    (models / "init").mkdir(exist_ok=True)
+    # the costliest methods first, so the two lanes finish together
+    jobs = [(m, s) for s in args.seeds for m in sorted(args.methods, key=lambda m: m != "brbs")]
+    jobs += [(m, "init") for m in args.methods]
     began = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {job: pool.submit(train_one, job[1], views[job[0]], args.steps, out / f"labelled_{job[0]}",
-                                    threads) for job in jobs}
-        trained = {job: future.result() for job, future in futures.items()}
-    print(f"trained {len(trained)} models in {time.perf_counter() - began:.0f} s", flush=True)
-    sys.path.insert(0, str(HERE))
-    from fewshot_pairs import main as write_pairs
-    table = []
-    for n in args.labelled:
-        pairs_csv = out / f"labelled_{n}" / "pairs.csv"
-        write_pairs(str(views[n]), str(pairs_csv))
-        mine = {method: trained[(n, method)] for method in args.methods}
-        for entry in evaluate_models(pairs_csv, mine, out / f"labelled_{n}" / "eval"):
-            info = mine.get(entry["method"], {})
-            table.append({"labelled": n, **entry, "train_seconds": info.get("train_seconds", float("nan")),
-                          "parameters": info.get("parameters", 0)})
+        futures = {key: pool.submit(job, *key) for key in jobs}
+        results = {key: future.result() for key, future in futures.items()}
+    print(f"trained and evaluated {len(results)} models in {time.perf_counter() - began:.0f} s", flush=True)
+    peer_rows = peers(pairs_csv, evaluations / "peers.csv")
+
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    lines = [f"`python benchmarks/methods_study.py --data {args.data} --labelled {' '.join(map(str, args.labelled))} "
-             f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs}`; {threads} thread(s) per training job, "
-             f"evaluation on 2 threads, CPU.", "",
-             "| labelled | method | registration Dice | segmentation Dice | HD95 mm | folding % | train s | "
-             "inference s/pair | parameters |", "|---|---|---|---|---|---|---|---|---|"]
-    for e in table:
-        params = f"{e['parameters']:,}" if e["parameters"] else "–"
-        lines.append(f"| {e['labelled']} | {e['method']} | {e['registration_dice']:.3f} ± {e['registration_dice_sd']:.3f}"
-                     f" | {_fmt(e['segmentation_dice'])} | {e['hd95_mm']:.2f} | {e['folding_percent']:.4f} | {_fmt(e['train_seconds'], 0)} | "
-                     f"{e['seconds']:.1f} | {params} |")
-    text = "\n".join(lines) + "\n"
-    (out / "METHODS.md").write_text(text, encoding="utf-8")
-    print(text)
+        writer = csv.writer(handle)
+        writer.writerow(["strategy", "seed", "method", "pair", "registration_dice", "segmentation_dice", "hd95_mm",
+                         "folding_percent", "seconds"])
+        for (method, seed), (rows, _) in results.items():
+            for r in rows:
+                writer.writerow([method, seed, r["method"], r["pair"], f"{r['registration_dice']:.4f}",
+                                 f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
+                                 f"{r['seconds']:.2f}"])
+        for r in peer_rows:
+            writer.writerow(["peer", "", r["method"], r["pair"], f"{r['registration_dice']:.4f}",
+                             f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
+                             f"{r['seconds']:.2f}"])
+    command = (f"python benchmarks/methods_study.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
+               f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine}")
+    lines = [f"Generated {datetime.date.today()} by `{command}`: {args.jobs} training/evaluation jobs at a time, one "
+             "thread each, CPU; peers afterwards on 2 threads.", "",
+             *summary_table(results, peer_rows, args.seeds)]
+    (out / "TABLE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
     return 0
 
 

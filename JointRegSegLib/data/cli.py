@@ -4,9 +4,14 @@ from __future__ import annotations
 
 def _cmd_build(args) -> int:
     from ..progress import stderr_progress
-    from .build import build_dataset
-    out = build_dataset(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_labelled=args.labelled,
-                        progress=stderr_progress)
+    if args.held_out:
+        from .build_heldout import build_heldout_dataset
+        out = build_heldout_dataset(args.out, seed=args.seed, n_train=args.train, n_val=args.val,
+                                    n_labelled=args.labelled, spacing=args.spacing, progress=stderr_progress)
+    else:
+        from .build import build_dataset
+        out = build_dataset(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_labelled=args.labelled,
+                            progress=stderr_progress)
     print(f"dataset written to {out}")
     return 0
 
@@ -20,4 +25,8 @@ def register(sub) -> None:
     build.add_argument("--train", type=int, default=36, help="synthetic training subjects")
     build.add_argument("--val", type=int, default=8, help="synthetic validation subjects (labelled)")
     build.add_argument("--labelled", type=int, default=2, help="training images whose labels may be used")
+    build.add_argument("--held-out", choices=["colin27"], default=None,
+                       help="synthesise training subjects from every offline source except this anatomy and "
+                            "validate on it (the generalisation protocol of benchmarks/methods_study.py)")
+    build.add_argument("--spacing", type=float, default=2.5, help="working-grid spacing in mm (with --held-out)")
     build.set_defaults(func=_cmd_build)
