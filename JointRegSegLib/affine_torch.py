@@ -83,18 +83,35 @@ def _foreground(fixed_level: torch.Tensor) -> tuple:
     return normalised, _parzen(values)
 
 
+def mass_center_theta(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """The translation (B, 3, 4) that brings the fixed image's intensity centre of mass onto the moving one's."""
+    with torch.no_grad():
+        shift = _mass_center(moving) - _mass_center(fixed)
+    eye = torch.eye(3, dtype=fixed.dtype, device=fixed.device)[None].expand(len(shift), 3, 3)
+    return torch.cat([eye, shift.view(-1, 3, 1)], dim=2)
+
+
+def learned_theta(regressor: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """The learned affine (networks.AffineRegressor): centres of mass first, then the regressor's affine of
+    the centred pair; the two compose to one theta (fixed voxel -> moving point)."""
+    centring = mass_center_theta(moving, fixed)
+    residual = regressor(warp_with_theta(moving, centring), fixed)
+    return torch.cat([residual[:, :, :3], residual[:, :, 3:] + centring[:, :, 3:]], dim=2)
+
+
 def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, schedule=DEFAULT_SCHEDULE,
-               learning_rate: float = 0.02, samples: int = 20_000, seed: int = 0) -> torch.Tensor:
+               learning_rate: float = 0.02, samples: int = 20_000, seed: int = 0,
+               initial: torch.Tensor | None = None) -> torch.Tensor:
     """theta (1, 3, 4) such that `F.affine_grid(theta, fixed.shape)` samples the moving image at the
     points matching the fixed grid's voxels (align_corners=False). Images: (1, 1, z, y, x) in [0, 1].
+    Starts from `initial` (e.g. the learned affine) or from the centres of mass.
 
     Deterministic for a given `seed` (the metric's sample points)."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        shift = _mass_center(moving) - _mass_center(fixed)
-    linear = torch.zeros(1, 3, 3, dtype=fixed.dtype, device=fixed.device, requires_grad=True)
-    translation = shift.clone().detach().view(1, 3, 1).requires_grad_(True)
+    start = (mass_center_theta(moving, fixed) if initial is None else initial).detach().to(fixed)
     eye = torch.eye(3, dtype=fixed.dtype, device=fixed.device)[None]
+    linear = (start[:, :, :3] - eye).clone().requires_grad_(True)
+    translation = start[:, :, 3:].clone().requires_grad_(True)
     optimizer = _Adam([linear, translation], learning_rate)
     with torch.enable_grad():
         for pool, iterations in schedule:
@@ -140,10 +157,13 @@ def warp_with_theta(image: torch.Tensor, theta: torch.Tensor, mode: str = "bilin
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def prealign(moving: sitk.Image, fixed: sitk.Image, card: dict, device="cpu") -> sitk.AffineTransform:
+def prealign(moving: sitk.Image, fixed: sitk.Image, card: dict, device="cpu",
+             network: torch.nn.Module | None = None) -> sitk.AffineTransform:
     """The torch affine between two physical images: each resampled onto the model's working grid centred on
-    its own centre of mass, normalised as the model is fed, aligned by `fit_affine`; the result maps fixed
-    physical points to moving ones (as `affine.affine_prealign`)."""
+    its own centre of mass, normalised as the model is fed, aligned by `fit_affine` (card prealignment kind
+    "torch-mi"), or by the model's learned affine then `fit_affine` polishing it on the card's (shorter)
+    schedule (kind "learned"); the result maps fixed physical points to moving ones (as
+    `affine.affine_prealign`)."""
     from .geometry import resample, to_tensor, working_grid
     from .intensity import normalize
     fixed_grid, moving_grid = working_grid(fixed, card), working_grid(moving, card)
@@ -151,6 +171,21 @@ def prealign(moving: sitk.Image, fixed: sitk.Image, card: dict, device="cpu") ->
     fixed_t = normalize(to_tensor(resample(fixed, fixed_grid, default=background(fixed)), device), card["intensity"])
     moving_t = normalize(to_tensor(resample(moving, moving_grid, default=background(moving)), device),
                          card["intensity"])
-    schedule = tuple(tuple(level) for level in card.get("prealignment", {}).get("schedule", DEFAULT_SCHEDULE))
-    theta = fit_affine(moving_t, fixed_t, schedule=schedule)
-    return theta_to_physical(theta, fixed_grid, moving_grid)
+    return theta_to_physical(card_theta(moving_t, fixed_t, card, network), fixed_grid, moving_grid)
+
+
+def card_theta(moving: torch.Tensor, fixed: torch.Tensor, card: dict, network: torch.nn.Module | None = None,
+               schedule=None) -> torch.Tensor:
+    """The affine the model card asks for, between two normalised working-grid images: mutual information
+    on the card's schedule, started from the learned affine when the card's kind is "learned"."""
+    prealignment = card.get("prealignment", {})
+    schedule = schedule or tuple(tuple(level) for level in prealignment.get("schedule", DEFAULT_SCHEDULE))
+    initial = None
+    if prealignment.get("kind") == "learned":
+        if getattr(network, "affine", None) is None:
+            raise ValueError("the model card asks for a learned affine but the network has none")
+        with torch.no_grad():
+            initial = learned_theta(network.affine, moving, fixed)
+    if not schedule:
+        return initial if initial is not None else mass_center_theta(moving, fixed)
+    return fit_affine(moving, fixed, schedule=schedule, initial=initial)

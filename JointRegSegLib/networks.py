@@ -53,6 +53,36 @@ class VelocityIntegrator(nn.Module):
                              align_corners=False) * self.downsample
 
 
+class AffineRegressor(nn.Module):
+    """A learned affine pre-alignment (the U-ReSNet affine head, here its own small encoder): (moving,
+    fixed) on the working grid, average-pooled by `pool`, with three coordinate channels so positions
+    can be regressed, through stride-2 convolutions to a 3^3 feature grid and two dense layers, to the
+    affine theta (B, 3, 4) in torch's normalised grid coordinates (`F.affine_grid` convention: fixed
+    voxel -> moving point). The last layer starts at zero: an untrained regressor returns the identity."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.pool = int(spec.get("pool", 2))
+        channels = [5, *spec.get("channels", [16, 32, 64, 64])]
+        self.features = nn.Sequential(*[nn.Sequential(nn.Conv3d(a, b, 3, stride=2, padding=1), nn.LeakyReLU(0.2))
+                                        for a, b in zip(channels[:-1], channels[1:])], nn.AdaptiveAvgPool3d(3))
+        hidden = int(spec.get("hidden", 128))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * 27, hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, 12))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        pair = torch.cat([moving, fixed], dim=1)
+        if self.pool > 1:
+            pair = F.avg_pool3d(pair, self.pool)
+        batch = pair.shape[0]
+        eye = torch.eye(3, 4, dtype=pair.dtype, device=pair.device)[None].expand(batch, 3, 4)
+        coords = F.affine_grid(eye, [batch, 1, *pair.shape[2:]], align_corners=False).permute(0, 4, 1, 2, 3)
+        delta = self.head(self.features(torch.cat([pair, coords], dim=1))).view(batch, 3, 4)
+        return eye + delta
+
+
 class JointRegSegNet(nn.Module):
     """Registration U-Net (moving, fixed -> velocity) and segmentation U-Net (image -> label logits)."""
 
@@ -65,6 +95,8 @@ class JointRegSegNet(nn.Module):
                                              architecture.get("velocity_downsample", 2))
         self.warp = Warp(mode="bilinear", padding_mode="border")
         self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+        if "affine" in architecture:
+            self.affine = AffineRegressor(architecture["affine"])
 
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Low-resolution velocity field for the pair (both already on the working grid, normalised)."""

@@ -185,7 +185,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         model = _as_model(model, torch_device)
         card = model.card
     affine_tx = None
-    affine_method = affine_method or ("torch" if card.get("prealignment", {}).get("kind") == "torch-mi"
+    affine_method = affine_method or ("torch" if card.get("prealignment", {}).get("kind") in ("torch-mi", "learned")
                                       else "classical")
     if affine_method not in ("torch", "classical"):
         raise ValueError(f"affine_method {affine_method!r}: choose 'torch' or 'classical'")
@@ -200,7 +200,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         with reporter.stage("affine pre-alignment") as stage:
             # on canonically ordered copies: the result must not depend on how the files store their axes
             if affine_method == "torch":
-                affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card, torch_device)
+                affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card, torch_device,
+                                           network=model.network)
             else:
                 affine_tx = affine_prealign(canonical_storage(moving), canonical_storage(fixed),
                                             on_iteration=lambda i: stage(min(i / 100.0, 0.99)))

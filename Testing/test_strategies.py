@@ -317,3 +317,18 @@ def test_shipped_configs_name_only_weights_their_strategy_uses():
         strategy = STRATEGIES[config.get("strategy", "deepatlas")]
         unknown = set(config.get("weights", {})) - set(strategy.weights)
         assert not unknown, (path.name, unknown)
+
+
+def test_deeprs_dice_term_only_when_configured():
+    """The paper's L_ce by default; "ce+dice" (the committed config, a documented deviation) adds a soft
+    Dice term that trains the segmentation network."""
+    data = few_shot(4)
+    net = tiny_pair()
+    plain = DeepRS(config(), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
+    assert "dice" not in plain and torch.allclose(plain["loss"], plain["ce"])
+    both = DeepRS(config(segmentation_loss="ce+dice"), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
+    assert 0.0 < float(both["dice"]) <= 1.0
+    assert torch.allclose(both["loss"], both["ce"] + both["dice"])
+    net.zero_grad()
+    both["dice"].backward()
+    assert grads(net.segmentation) > 0

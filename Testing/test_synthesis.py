@@ -275,3 +275,25 @@ def test_heldout_dataset_never_trains_on_its_validation_anatomy(tmp_path, monkey
         # labels follow the image's deformation (the generator's occasional crop blanks a slab of image only)
         assert (raw[labels[0, 0].numpy() > 0] > 0).mean() > 0.8, name
     assert "anatomies held out of training" in validation_note(data, data.manifest["label_table"])
+
+
+def test_affine_training_target_maps_one_synthetic_subject_onto_another():
+    """The learned affine's training target (`true_theta`): two affinely moved copies of one anatomy, the
+    moving one warped by it, match the fixed one far better than before, and its mm error metric is 0 for
+    itself and the shift size for a pure shift."""
+    from JointRegSegLib.affine_torch import warp_with_theta
+    from JointRegSegLib.training.affine_train import affine_error_mm, true_theta
+    synthesizer = BrainSynthesizer([_phantom_source()], _quiet_settings(real_image_probability=1.0))
+    rng = np.random.default_rng(5)
+    fixed = synthesizer.sample(rng, 0, elastic=False, use_real=True)
+    moving = synthesizer.sample(rng, 0, elastic=False, use_real=True)
+    theta = true_theta(moving, fixed)
+    brain = fixed.generation[0, 0] > 0
+    error = lambda image: float((image[0, 0] - fixed.image[0, 0])[brain].abs().mean())  # noqa: E731
+    assert error(warp_with_theta(moving.image, theta)) < 0.3 * error(moving.image)
+    points = torch.rand(500, 3) * 2 - 1
+    half_extent = torch.tensor([40.0, 48.0, 40.0])
+    shifted = theta[0].clone()
+    shifted[0, 3] += 0.1                                    # 0.1 normalised along x = 4 mm on this grid
+    assert float(affine_error_mm(theta[0], theta[0], points, half_extent)) == 0.0
+    assert abs(float(affine_error_mm(shifted, theta[0], points, half_extent)) - 4.0) < 1e-4

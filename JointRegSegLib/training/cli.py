@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 # training.strategies.STRATEGIES and networks.ARCHITECTURES, named here without importing torch
-STRATEGIES = ("deepatlas", "deeprs", "brbs", "pcreg-rt", "uresnet", "unsupervised", "synth")
+STRATEGIES = ("deepatlas", "deeprs", "brbs", "pcreg-rt", "uresnet", "unsupervised", "synth", "affine")
 ARCHITECTURES = {"unet-pair": {"name": "unet-pair", "registration": {"channels": [16, 32, 32, 32], "strides": [2, 2, 2]},
                                "segmentation": {"channels": [16, 32, 32, 64], "strides": [2, 2, 2]},
                                "integration_steps": 7, "velocity_downsample": 2},
@@ -30,6 +30,11 @@ def _cmd_train(args) -> int:
     config["architecture"] = _architecture(config, args.arch)
     default_strategy = "uresnet" if config["architecture"]["name"] == "uresnet" else "deepatlas"
     config["strategy"] = args.strategy or config.get("strategy", default_strategy)
+    if config["strategy"] == "affine":
+        from .affine_train import train_affine
+        out = train_affine(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
+        print(f"model written to {out}")
+        return 0
     if config["strategy"] == "synth":
         from .synth_train import train_synth
         out = train_synth(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)

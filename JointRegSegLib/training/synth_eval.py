@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..affine_torch import fit_affine, warp_with_theta
+from ..affine_torch import card_theta, warp_with_theta
 from ..networks import cascade_velocity
 from ..data import atlas_sources
 from ..data.generator import BrainSynthesizer, SynthesisSettings
@@ -43,8 +43,6 @@ def heldout_synthetic_metrics(model, pairs: int = 6, seed: int = 1234, source=No
     net = model.network.eval()
     card = model.card
     table = card["labels"]
-    schedule = affine_schedule or tuple(tuple(s) for s in card.get("prealignment", {}).get(
-        "schedule", [[4, 80], [2, 60], [1, 30]]))
     passes = int(card.get("inference", {}).get("passes", 1))
     source = source or colin27_source()
     rng = np.random.default_rng(seed)
@@ -57,7 +55,7 @@ def heldout_synthetic_metrics(model, pairs: int = 6, seed: int = 1234, source=No
         moving = synthesizer.sample(rng, 0, deform=False, use_real=real, mixture_seed=seed)
         fixed_image = normalize(fixed.image, card["intensity"])
         moving_image = normalize(moving.image, card["intensity"])
-        theta = fit_affine(moving_image, fixed_image, schedule=schedule)
+        theta = card_theta(moving_image, fixed_image, card, net, schedule=affine_schedule)
         moving_aligned = warp_with_theta(moving_image, theta)
         target_aligned = warp_with_theta(moving.target.float(), theta, "nearest")
         velocity = cascade_velocity(net, moving_aligned, fixed_image, passes)

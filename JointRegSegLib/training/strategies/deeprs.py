@@ -55,7 +55,11 @@ class DeepRS(Strategy):
     DSS samples) before the joint phase, where each step updates D, registration and segmentation once;
     the discriminator is a small 3D U-Net (as the paper's) without normalisation layers: with instance
     normalisation of single-volume batches it stayed at chance (loss ln 4, confidence 0.5 everywhere), so
-    ACM weighted nothing. Where real and fake inputs are identical (background both images share) no
+    ACM weighted nothing. `"segmentation_loss": "ce+dice"` (the committed config) adds a soft Dice term
+    to L_ce: with cross-entropy alone, 300 segmentation pretraining and 200 joint steps on the held-out
+    study's data (benchmarks/METHODS.md) left S predicting background almost everywhere (segmentation
+    Dice 0.005, CE 0.15: the 14 structures are ~2 % of the voxels), so the comparison measured the
+    budget, not the method; `"ce"` is the paper's loss. Where real and fake inputs are identical (background both images share) no
     discriminator can do better than chance, so its loss stays above 0 even when it works.
     """
 
@@ -118,8 +122,12 @@ class DeepRS(Strategy):
 
     def segmentation(self, moving, fixed, alpha, use_acm):
         image, labels = self.structure_sample(moving, fixed, alpha)
-        terms = {"ce": soft_cross_entropy(self.net.segment(image), labels).mean()}
+        logits = self.net.segment(image)
+        terms = {"ce": soft_cross_entropy(logits, labels).mean()}
         total = self.w["ce"] * terms["ce"]
+        if self.config.get("segmentation_loss", "ce") == "ce+dice":
+            terms["dice"] = self.dice(torch.softmax(logits, 1), labels)
+            total = total + self.w["ce"] * terms["dice"]
         if use_acm:
             fixed_image = self.data.images[fixed]
             with torch.no_grad():
