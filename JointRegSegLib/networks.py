@@ -83,6 +83,50 @@ class AffineRegressor(nn.Module):
         return eye + delta
 
 
+class KeypointAffine(nn.Module):
+    """A learned affine from matched keypoints (the KeyMorph idea): one small U-Net, shared by both images,
+    turns each image (average-pooled by `pool`) into K heat maps; each map's soft-argmax is a keypoint, and
+    the affine (B, 3, 4), fixed voxel -> moving point in torch's normalised grid coordinates, is the least
+    squares fit taking the fixed keypoints onto the moving ones (weighted by how peaked both maps are,
+    pulled slightly towards the identity). Unlike a dense head regressing 12 numbers, the estimate is
+    equivariant by construction: moving the image moves its keypoints."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.pool = int(spec.get("pool", 2))
+        self.keypoints = int(spec.get("keypoints", 32))
+        self.ridge = float(spec.get("ridge", 1e-3))
+        self.heatmaps = _unet(1, self.keypoints, {"channels": spec.get("channels", [16, 32, 64]),
+                                                  "strides": spec.get("strides", [2, 2])})
+
+    def locate(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keypoints (B, K, 3 as x, y, z normalised) and their peakedness (B, K) in [0, 1]."""
+        if self.pool > 1:
+            image = F.avg_pool3d(image, self.pool)
+        batch, shape = image.shape[0], image.shape[2:]
+        logits = self.heatmaps(image).flatten(2)                                          # (B, K, V)
+        weights = torch.softmax(logits, dim=-1)
+        eye = torch.eye(3, 4, dtype=image.dtype, device=image.device)[None]
+        coords = F.affine_grid(eye, [1, 1, *shape], align_corners=False).view(-1, 3)      # (V, 3) x, y, z
+        points = weights @ coords
+        spread = (weights * ((coords[None, None] - points[:, :, None]) ** 2).sum(-1)).sum(-1)
+        return points, torch.exp(-spread / 0.05)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        moving_points, moving_peak = self.locate(moving)
+        fixed_points, fixed_peak = self.locate(fixed)
+        weight = (moving_peak * fixed_peak).clamp_min(1e-4)[..., None]                     # (B, K, 1)
+        design = torch.cat([fixed_points, torch.ones_like(fixed_points[..., :1])], dim=-1)  # (B, K, 4)
+        eye = torch.eye(3, 4, dtype=design.dtype, device=design.device)[None].expand(len(design), 3, 4)
+        normal = design.transpose(1, 2) @ (weight * design) + self.ridge * torch.eye(4, dtype=design.dtype,
+                                                                                     device=design.device)
+        right = design.transpose(1, 2) @ (weight * moving_points) + self.ridge * eye.transpose(1, 2)
+        return torch.linalg.solve(normal, right).transpose(1, 2)
+
+
+AFFINE_HEADS = {"regressor": AffineRegressor, "keypoints": KeypointAffine}
+
+
 class JointRegSegNet(nn.Module):
     """Registration U-Net (moving, fixed -> velocity) and segmentation U-Net (image -> label logits)."""
 
@@ -96,7 +140,8 @@ class JointRegSegNet(nn.Module):
         self.warp = Warp(mode="bilinear", padding_mode="border")
         self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
         if "affine" in architecture:
-            self.affine = AffineRegressor(architecture["affine"])
+            spec = architecture["affine"]
+            self.affine = AFFINE_HEADS[spec.get("kind", "regressor")](spec)
 
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Low-resolution velocity field for the pair (both already on the working grid, normalised)."""

@@ -60,26 +60,28 @@ def build_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 36, n_val: 
             add(f"synth_train_{i:03d}", all_sources[i % len(all_sources)], "train", deform=True, strength=1.0)
         for i in range(n_val):
             add(f"synth_val_{i:03d}", labelled_sources[i % 2], "val", deform=True, strength=1.2)
-        # Few-shot: only the first n_labelled training images with labels may supervise training;
-        # the labels of the other training subjects stay on disk for oracle studies only.
-        candidates = [e for e in items if e["split"] == "train" and e["labels"]]
-        for entry in candidates[:n_labelled]:
-            entry["labelled"] = True
-        val = [e["name"] for e in items if e["split"] == "val"]
-        pairs = [(val[i], val[(i + 1) % len(val)]) for i in range(len(val))]
-        manifest = {
-            "format": "jointregseg-dataset", "version": 1, "seed": seed, "working_grid": grid_spec,
-            "label_table": sources.LABEL_TABLE, "modality": "MR-T1 brain-extracted",
-            "n_labelled": n_labelled, "items": items,
-            "validation_pairs": [{"moving": m, "fixed": f} for m, f in pairs],
-            "sources": [{"name": s.name, "source": s.source, "licence": s.licence} for s in all_sources],
-            "notes": "Synthetic subjects: random affine (+-6 deg, +-6 % scale, +-5 mm) and smooth diffeomorphic "
-                     "deformation (velocity std 4 mm on a 40 mm control grid) of a real anatomy, plus gamma, "
-                     "bias field and noise. Validation subjects derive from the same two labelled anatomies "
-                     "with stronger changes; numbers on them are optimistic for unseen anatomy.",
-        }
-        (staging / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(staging, items, n_labelled, seed=seed, working_grid=grid_spec, label_table=sources.LABEL_TABLE,
+                       sources=[{"name": s.name, "source": s.source, "licence": s.licence} for s in all_sources],
+                       notes="Synthetic subjects: random affine (+-6 deg, +-6 % scale, +-5 mm) and smooth diffeomorphic "
+                             "deformation (velocity std 4 mm on a 40 mm control grid) of a real anatomy, plus gamma, "
+                             "bias field and noise. Validation subjects derive from the same two labelled anatomies "
+                             "with stronger changes; numbers on them are optimistic for unseen anatomy.")
     return out_dir
+
+
+def write_manifest(folder: Path, items: list[dict], n_labelled: int, **fields) -> None:
+    """Mark the few-shot labels and write dataset.json: only the first `n_labelled` training images with
+    labels may supervise training (the other training labels stay on disk for oracle studies only);
+    validation pairs run round the validation subjects."""
+    candidates = [e for e in items if e["split"] == "train" and e["labels"]]
+    for entry in candidates[:n_labelled]:
+        entry["labelled"] = True
+    val = [e["name"] for e in items if e["split"] == "val"]
+    manifest = {"format": "jointregseg-dataset", "version": 1, "modality": "MR-T1 brain-extracted",
+                "n_labelled": n_labelled, "items": items,
+                "validation_pairs": [{"moving": val[i], "fixed": val[(i + 1) % len(val)]} for i in range(len(val))],
+                **fields}
+    (folder / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def load_manifest(folder: str | Path) -> dict:

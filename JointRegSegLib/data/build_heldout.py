@@ -10,7 +10,6 @@ source contains: figures on them measure generalisation to an unseen brain.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import SimpleITK as sitk
 
 from ..geometry import center_of_mass, make_grid
 from ..imageio import staged_output_dir
+from .build import write_manifest
 from . import atlas_sources
 from .generator import BrainSynthesizer, SynthesisSettings
 from .label_table import LABEL_TABLE
@@ -80,20 +80,11 @@ def build_heldout_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 24,
                           "synthetic": True, "labels": f"labels/{name}.nii.gz", "labelled": False})
             if progress:
                 progress("build data", len(items) / total)
-        candidates = [e for e in items if e["split"] == "train" and e["labels"]]
-        for entry in candidates[:n_labelled]:
-            entry["labelled"] = True
-        val = [e["name"] for e in items if e["split"] == "val"]
-        manifest = {
-            "format": "jointregseg-dataset", "version": 1, "seed": seed, "working_grid": grid_spec,
-            "label_table": LABEL_TABLE, "modality": "MR-T1 brain-extracted", "n_labelled": n_labelled,
-            "items": items, "held_out": ["colin27"],
-            "validation_pairs": [{"moving": val[i], "fixed": val[(i + 1) % len(val)]} for i in range(len(val))],
-            "sources": [{"name": s.name, "source": s.provenance, "licence": s.licence} for s in sources],
-            "notes": "Training subjects: real T1 images of the training sources (ICBM/MNI152 population averages "
-                     "and the ITK KmeansTest subject) under random affine and smooth diffeomorphic deformation, "
-                     "bias, gamma, blur, anisotropy and noise. Validation subjects are synthetic deformations of "
-                     "Colin27, an anatomy held out of training entirely.",
-        }
-        (staging / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(staging, items, n_labelled, seed=seed, working_grid=grid_spec, label_table=LABEL_TABLE,
+                       held_out=["colin27"],
+                       sources=[{"name": s.name, "source": s.provenance, "licence": s.licence} for s in sources],
+                       notes="Training subjects: real T1 images of the training sources (ICBM/MNI152 population "
+                             "averages and the ITK KmeansTest subject) under random affine and smooth diffeomorphic "
+                             "deformation, bias, gamma, blur, anisotropy and noise. Validation subjects are synthetic "
+                             "deformations of Colin27, an anatomy held out of training entirely.")
     return out_dir

@@ -27,7 +27,7 @@ from ..device import resolve_device
 from ..intensity import normalize
 from ..progress import Reporter
 
-DEFAULT_SPEC = {"pool": 2, "channels": [16, 32, 64, 64], "hidden": 128}
+DEFAULT_SPEC = {"kind": "keypoints", "pool": 2, "keypoints": 32, "channels": [16, 32, 64], "strides": [2, 2]}
 DEFAULT_POLISH = [[2, 30], [1, 20]]
 
 
