@@ -319,16 +319,24 @@ def test_shipped_configs_name_only_weights_their_strategy_uses():
         assert not unknown, (path.name, unknown)
 
 
-def test_deeprs_dice_term_only_when_configured():
-    """The paper's L_ce by default; "ce+dice" (the committed config, a documented deviation) adds a soft
-    Dice term that trains the segmentation network."""
+def test_segmentation_dice_term_only_when_configured():
+    """DeepRS's L_ce and PC-Reg-RT's supervised and reverse-teaching terms are the papers' cross-entropy by
+    default; "ce+dice" (their committed configs, a documented deviation) adds a soft Dice term."""
+    from monai.losses import DiceLoss
     data = few_shot(4)
     net = tiny_pair()
+    with torch.no_grad():
+        dss_image, dss_labels = DeepRS(config(), net, data).structure_sample("s0", "s2", 1.0)
     plain = DeepRS(config(), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
-    assert "dice" not in plain and torch.allclose(plain["loss"], plain["ce"])
+    expected_ce = soft_cross_entropy(net.segment(dss_image), dss_labels).mean()
+    assert torch.allclose(plain["ce"], expected_ce, atol=1e-6)
     both = DeepRS(config(segmentation_loss="ce+dice"), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
-    assert 0.0 < float(both["dice"]) <= 1.0
-    assert torch.allclose(both["loss"], both["ce"] + both["dice"])
+    dice = DiceLoss(include_background=False)(torch.softmax(net.segment(dss_image), 1), dss_labels)
+    assert torch.allclose(both["ce"], expected_ce + dice, atol=1e-5) and float(dice) > 0.1
+    labelled = [n for n in data.train if n in data.labels][:1]
+    pc_plain = PCRegRT(config(), net, data).supervised(labelled)["supervised"]
+    pc_both = PCRegRT(config(segmentation_loss="ce+dice"), net, data).supervised(labelled)["supervised"]
+    assert float(pc_both) > float(pc_plain) + 0.1
     net.zero_grad()
-    both["dice"].backward()
+    (pc_both - pc_plain).backward()        # the Dice term alone trains the segmentation network
     assert grads(net.segmentation) > 0

@@ -35,6 +35,16 @@ class Strategy:
         self.smooth = REGULARISERS[kind]()
         self.dice = DiceLoss(include_background=False)
 
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The methods' cross-entropy segmentation loss (mean over voxels); with the config's
+        `"segmentation_loss": "ce+dice"` a soft Dice term is added (a documented deviation where a method
+        uses it: on 14 small structures cross-entropy alone leaves the net at background for hundreds of
+        steps, and a method whose other mechanisms read the segmentation then has nothing to read)."""
+        loss = soft_cross_entropy(logits, target).mean()
+        if self.config.get("segmentation_loss", "ce") == "ce+dice":
+            loss = loss + self.dice(torch.softmax(logits, 1), target)
+        return loss
+
     # --- what the loop asks -------------------------------------------------------------------
     def auxiliary(self) -> dict[str, nn.Module]:
         """Training-only networks (saved with the resumable state, not in the model)."""

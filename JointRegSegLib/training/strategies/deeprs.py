@@ -122,12 +122,8 @@ class DeepRS(Strategy):
 
     def segmentation(self, moving, fixed, alpha, use_acm):
         image, labels = self.structure_sample(moving, fixed, alpha)
-        logits = self.net.segment(image)
-        terms = {"ce": soft_cross_entropy(logits, labels).mean()}
+        terms = {"ce": self.cross_entropy(self.net.segment(image), labels)}
         total = self.w["ce"] * terms["ce"]
-        if self.config.get("segmentation_loss", "ce") == "ce+dice":
-            terms["dice"] = self.dice(torch.softmax(logits, 1), labels)
-            total = total + self.w["ce"] * terms["dice"]
         if use_acm:
             fixed_image = self.data.images[fixed]
             with torch.no_grad():
