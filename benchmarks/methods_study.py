@@ -89,7 +89,7 @@ def _evaluate_model_main(model: str, pairs_csv: str, refine: int, out_csv: str) 
     if refine:
         methods.append(JointRegSegMethod(model, refine, "cpu", name="refined", affine_method="torch",
                                          segmentation_mode="network"))
-    rows = evaluate(read_pairs(pairs_csv), methods, methods[0].model.card["labels"])
+    rows = evaluate(read_pairs(pairs_csv), methods, methods[0].model.card["labels"], hd95=False)
     _write_rows(rows, Path(out_csv))
     return 0
 
