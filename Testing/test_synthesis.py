@@ -297,3 +297,19 @@ def test_affine_training_target_maps_one_synthetic_subject_onto_another():
     shifted[0, 3] += 0.1                                    # 0.1 normalised along x = 4 mm on this grid
     assert float(affine_error_mm(theta[0], theta[0], points, half_extent)) == 0.0
     assert abs(float(affine_error_mm(shifted, theta[0], points, half_extent)) - 4.0) < 1e-4
+
+
+def test_keypoint_affine_is_identity_for_one_image_and_trainable():
+    """The learned affine's keypoint head: the same image twice gives the identity (keypoints match
+    themselves), and its output depends differentiably on its heat-map network."""
+    from JointRegSegLib.networks import KeypointAffine
+    torch.manual_seed(0)
+    head = KeypointAffine({"pool": 2, "keypoints": 8, "channels": [4, 8], "strides": [2]})
+    source = _phantom_source((24, 32, 24))
+    image = torch.from_numpy(source.image)[None, None] / source.image.max()
+    theta = head(image, image)
+    assert torch.allclose(theta, torch.eye(3, 4)[None], atol=1e-4)
+    shifted = torch.roll(image, 3, dims=4)
+    moved = head(shifted, image)
+    moved.sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None) > 0
