@@ -149,29 +149,31 @@ def _spread(values: list[float]) -> str:
 
 
 def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> list[str]:
-    """results[(method, seed)] = rows of that model (methods 'network', 'refined'); seed 'init' = untrained."""
-    lines = ["| method | seeds | reg. Dice real, network | reg. Dice synthetic, network | seg. Dice network "
-             "(untrained) | reg. Dice real, refined | reg. Dice synthetic, refined | seg. Dice refined | "
-             "folding % network | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """results[(method, seed)] = (rows of that model: methods 'network', 'refined'; training seconds);
+    seed 'init' = the method's untrained initialisation, shown in brackets."""
+    lines = ["| method | seeds | reg. Dice real, network (untrained) | reg. Dice synthetic, network (untrained) | "
+             "seg. Dice, network (untrained) | reg. Dice real, refined | reg. Dice synthetic, refined | "
+             "folding %, network | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    pick = lambda rows, name: [r for r in rows if r["method"] == name]  # noqa: E731
     for method in METHODS:
         trained = [results[(method, s)] for s in seeds if (method, s) in results]
         if not trained:
             continue
-        pick = lambda rows, name: [r for r in rows if r["method"] == name]  # noqa: E731
         column = lambda name, key, group=None: _spread([_per_seed(pick(rows, name), key, group)  # noqa: E731
                                                         for rows, _ in trained])
-        init = results.get((method, "init"))
-        init_seg = _per_seed(pick(init[0], "network"), "segmentation_dice") if init else float("nan")
-        lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} | "
-                     f"{column('network', 'registration_dice', 'synthetic')} | "
-                     f"{column('network', 'segmentation_dice')} ({init_seg:.3f}) | "
-                     f"{column('refined', 'registration_dice', 'real')} | "
-                     f"{column('refined', 'registration_dice', 'synthetic')} | {column('refined', 'segmentation_dice')} | "
-                     f"{column('network', 'folding_percent')} | {_spread([s for _, s in trained]).replace('.000', '')} |")
+        init = results.get((method, "init"), ([], 0.0))[0]
+        untrained = lambda key, group=None: f"({_per_seed(pick(init, 'network'), key, group):.3f})"  # noqa: E731
+        seconds = [s for _, s in trained]
+        lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} "
+                     f"{untrained('registration_dice', 'real')} | {column('network', 'registration_dice', 'synthetic')} "
+                     f"{untrained('registration_dice', 'synthetic')} | {column('network', 'segmentation_dice')} "
+                     f"{untrained('segmentation_dice')} | {column('refined', 'registration_dice', 'real')} | "
+                     f"{column('refined', 'registration_dice', 'synthetic')} | {column('network', 'folding_percent')} | "
+                     f"{np.mean(seconds):.0f} ± {np.std(seconds):.0f} |")
     for name in dict.fromkeys(r["method"] for r in peer_rows):
         mine = [r for r in peer_rows if r["method"] == name]
         lines.append(f"| {name} (no training) | – | {_per_seed(mine, 'registration_dice', 'real'):.3f} | "
-                     f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | – | – | – | "
+                     f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | – | – | "
                      f"{_per_seed(mine, 'folding_percent'):.4f} | – |")
     return lines
 
