@@ -313,3 +313,39 @@ def test_keypoint_affine_is_identity_for_one_image_and_trainable():
     moved = head(shifted, image)
     moved.sum().backward()
     assert sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None) > 0
+
+
+def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
+    """`train --strategy affine`: the output model carries the learned affine and a card that asks for
+    it, every other weight is the input model's bit for bit, and the run-time pre-alignment uses it."""
+    import json
+    from conftest import TINY_CARD, sample_on
+    from JointRegSegLib import new_model, save_model
+    from JointRegSegLib.affine_torch import prealign
+    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.training.affine_train import train_affine
+    card = {**TINY_CARD, "working_grid": {"size": [40, 48, 40], "spacing": [2.0, 2.0, 2.0],
+                                          "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}}
+    base = save_model(new_model(card, seed=1), tmp_path / "base.safetensors")
+    source = _phantom_source((40, 48, 40))
+    data = tmp_path / "sources"
+    data.mkdir()
+    np.savez_compressed(data / "sources.npz", **{"phantom/generation": source.generation,
+                                                  "phantom/target": source.target, "phantom/image": source.image})
+    (data / "sources.json").write_text(json.dumps({"grid": "test", "sources": [
+        {"name": "phantom", "provenance": "test", "licence": "n/a", "has_target": True, "has_image": True}]}))
+    config = {"steps": 3, "batch": 1, "polish_schedule": [[1, 5]],
+              "affine": {"kind": "keypoints", "pool": 2, "keypoints": 4, "channels": [4, 8], "strides": [2]}}
+    out = train_affine(config, data, tmp_path / "with_affine.safetensors", init=base, device="cpu")
+    trained, original = load_model(out), load_model(base)
+    assert trained.card["prealignment"]["kind"] == "learned"
+    assert trained.card["prealignment"]["schedule"] == [[1, 5]]
+    weights = trained.network.state_dict()
+    assert any(name.startswith("affine.") for name in weights)
+    for name, value in original.network.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    assert len((tmp_path / "with_affine.log.csv").read_text().splitlines()) == 4
+    grid = make_grid((40, 48, 40), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
+    fixed = sample_on(grid, phantom_array)
+    found = prealign(fixed, fixed, trained.card, network=trained.network)
+    assert np.allclose(np.array(found.GetMatrix()).reshape(3, 3), np.eye(3), atol=0.05)

@@ -111,7 +111,7 @@ def test_strategy_list_matches_the_implementations():
     from JointRegSegLib.training.strategies import STRATEGIES
     assert set(STRATEGIES) <= set(listed)
     # names the CLI dispatches to their own trainer (not a strategy of this loop)
-    assert set(listed) - set(STRATEGIES) <= {"synth"}
+    assert set(listed) - set(STRATEGIES) <= {"synth", "affine"}
 
 
 JOINT_UPDATES = {"deeprs": {"reg_pretrain_disc", "joint_disc", "joint_reg", "joint_seg"},

@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic", type=int, default=2, help="synthetic Colin27 pairs")
     parser.add_argument("--work", default=str(HERE / "work" / "methods"))
     parser.add_argument("--out", default=str(HERE / "methods"))
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train and evaluate nothing: tabulate the models already evaluated in --work")
     parser.add_argument("--evaluate-model", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     parser.add_argument("--evaluation-out", help=argparse.SUPPRESS)
@@ -223,6 +225,11 @@ def main(argv=None) -> int:
     # the costliest methods first, so the two lanes finish together
     jobs = [(m, s) for s in args.seeds for m in sorted(args.methods, key=lambda m: m != "brbs")]
     jobs += [(m, "init") for m in args.methods]
+    if args.summary_only:
+        def done(method, seed):
+            model = models / ("init" if seed == "init" else ".") / f"{method}_seed{0 if seed == 'init' else seed}.safetensors"
+            return (evaluations / f"{method}_{seed}.csv").is_file() and model.is_file()
+        jobs = [key for key in jobs if done(*key)]
     began = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {key: pool.submit(job, *key) for key in jobs}
@@ -245,7 +252,8 @@ def main(argv=None) -> int:
                              f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
                              f"{r['seconds']:.2f}"])
     command = (f"python benchmarks/methods_study.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
-               f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine}")
+               f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine}"
+               + (" --summary-only" if args.summary_only else ""))
     lines = [f"Generated {datetime.date.today()} by `{command}`: {args.jobs} training/evaluation jobs at a time, one "
              "thread each, CPU; peers afterwards on 2 threads.", "",
              *summary_table(results, peer_rows, args.seeds)]
