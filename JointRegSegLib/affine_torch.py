@@ -69,6 +69,13 @@ def _mutual_information(moving_values: torch.Tensor, fixed_windows: torch.Tensor
     return -(joint * (torch.log(joint + 1e-8) - torch.log(pa @ pb + 1e-8))).sum()
 
 
+def normalised_points(indices: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """Voxel indices (N, 3 as z, y, x) of a grid of `shape` -> voxel centres in torch's normalised (x, y, z)
+    coordinates (align_corners=False), as `F.affine_grid` and `F.grid_sample` use them."""
+    sizes = torch.tensor(list(shape), dtype=dtype, device=indices.device)
+    return ((2 * indices.to(dtype) + 1) / sizes - 1).flip(-1)
+
+
 def _foreground(fixed_level: torch.Tensor) -> tuple:
     """Voxel centres of the fixed image's foreground (normalised x, y, z) and their Parzen windows, once per
     level: each iteration then draws its samples from them (the metric is estimated on samples, as elastix
@@ -77,8 +84,7 @@ def _foreground(fixed_level: torch.Tensor) -> tuple:
     foreground = torch.nonzero(fixed_level[0, 0] > 0.02)
     if len(foreground) == 0:
         foreground = torch.nonzero(torch.ones(shape, dtype=torch.bool, device=fixed_level.device))
-    sizes = torch.tensor(shape, dtype=fixed_level.dtype, device=fixed_level.device)
-    normalised = ((2 * foreground.to(fixed_level.dtype) + 1) / sizes - 1).flip(-1)      # (z, y, x) -> (x, y, z)
+    normalised = normalised_points(foreground, shape, fixed_level.dtype)
     values = fixed_level[0, 0][foreground[:, 0], foreground[:, 1], foreground[:, 2]]
     return normalised, _parzen(values)
 
@@ -92,8 +98,8 @@ def mass_center_theta(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor
 
 
 def learned_theta(regressor: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """The learned affine (networks.AffineRegressor): centres of mass first, then the regressor's affine of
-    the centred pair; the two compose to one theta (fixed voxel -> moving point)."""
+    """The learned affine (the model's affine head, `networks.AFFINE_HEADS`): centres of mass first, then the
+    head's affine of the centred pair; the two compose to one theta (fixed voxel -> moving point)."""
     centring = mass_center_theta(moving, fixed)
     residual = regressor(warp_with_theta(moving, centring), fixed)
     return torch.cat([residual[:, :, :3], residual[:, :, 3:] + centring[:, :, 3:]], dim=2)

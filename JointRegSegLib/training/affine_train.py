@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..affine_torch import learned_theta
+from ..affine_torch import learned_theta, normalised_points
 from ..checkpoint import load_model, new_model, save_model
 from ..data.generator import BrainSynthesizer, SynthesisSettings
 from ..device import resolve_device
@@ -122,8 +122,7 @@ def train_affine(config: dict, data_dir, out_path, init, device="auto", progress
                     truths.append(true_theta(moving, fixed))
                     brain = torch.nonzero(fixed.generation[0, 0] > 0)
                     pick = brain[torch.from_numpy(rng.integers(len(brain), size=4000)).to(brain.device)]
-                    sizes = torch.tensor(fixed.generation.shape[2:], dtype=torch.float32, device=device)
-                    points.append(((2 * pick.float() + 1) / sizes - 1).flip(-1))
+                    points.append(normalised_points(pick, fixed.generation.shape[2:]))
             predicted = learned_theta(regressor, torch.cat(movings), torch.cat(fixeds))
             loss = sum(affine_error_mm(predicted[k], truths[k][0], points[k], half_extent) for k in range(batch)) / batch
             optimizer.zero_grad()
