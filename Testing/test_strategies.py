@@ -321,7 +321,8 @@ def test_shipped_configs_name_only_weights_their_strategy_uses():
 
 def test_segmentation_dice_term_only_when_configured():
     """DeepRS's L_ce and PC-Reg-RT's supervised and reverse-teaching terms are the papers' cross-entropy by
-    default; "ce+dice" (their committed configs, a documented deviation) adds a soft Dice term."""
+    default; "ce+dice" adds a soft Dice term, "dice" (their committed configs, a documented deviation) is
+    soft Dice alone; anything else is refused by name."""
     from monai.losses import DiceLoss
     data = few_shot(4)
     net = tiny_pair()
@@ -333,6 +334,10 @@ def test_segmentation_dice_term_only_when_configured():
     both = DeepRS(config(segmentation_loss="ce+dice"), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
     dice = DiceLoss(include_background=False)(torch.softmax(net.segment(dss_image), 1), dss_labels)
     assert torch.allclose(both["ce"], expected_ce + dice, atol=1e-5) and float(dice) > 0.1
+    dice_only = DeepRS(config(segmentation_loss="dice"), net, data).segmentation("s0", "s2", 1.0, use_acm=False)
+    assert torch.allclose(dice_only["ce"], dice, atol=1e-5)
+    with pytest.raises(ValueError, match="segmentation_loss 'focal'"):
+        DeepRS(config(segmentation_loss="focal"), net, data)
     labelled = [n for n in data.train if n in data.labels][:1]
     pc_plain = PCRegRT(config(), net, data).supervised(labelled)["supervised"]
     pc_both = PCRegRT(config(segmentation_loss="ce+dice"), net, data).supervised(labelled)["supervised"]

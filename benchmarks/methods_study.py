@@ -15,7 +15,9 @@ Colin27 is held out, the templates' anatomy was a training source) and synthetic
 Colin27 (both sides held out). Network only (after the fast torch affine) and refined (--refine
 iterations). ANTs SyN (antspyx defaults) and the classical affine run on the same pairs in the same
 run. Finished models and evaluations are reused, so a stopped study continues.
-Writes OUT/METHODS.md (mean +- sd over seeds) and OUT/results.csv (one row per model and pair).
+Writes OUT/TABLE.md (mean +- sd over seeds) and OUT/results.csv (one row per model and pair). With
+--previous RESULTS_CSV, the models of methods left out of --methods (and the peers, if not run here) are
+taken from an earlier run's results.csv, so one method can be retrained without retraining the others.
 """
 from __future__ import annotations
 
@@ -139,6 +141,23 @@ def _per_seed(rows: list[dict], key: str, group: str | None = None) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def previous_results(path: Path, skip: set[str]) -> tuple[dict, list[dict]]:
+    """An earlier run's rows, {(method, seed): (rows, training seconds)} for the methods not in `skip`, and its
+    peer rows. Training seconds are nan where that run did not record them."""
+    results, peer_rows = {}, []
+    for row in _read_rows(path):
+        if row["strategy"] == "peer":
+            peer_rows.append(row)
+            continue
+        if row["strategy"] in skip:
+            continue
+        seed = row["seed"] if row["seed"] == "init" else int(row["seed"])
+        rows, _ = results.setdefault((row["strategy"], seed), ([], float("nan")))
+        rows.append(row)
+        results[(row["strategy"], seed)] = (rows, float(row.get("train_seconds") or "nan"))
+    return results, peer_rows
+
+
 def _spread(values: list[float]) -> str:
     values = [v for v in values if not np.isnan(v)]
     if not values:
@@ -163,13 +182,14 @@ def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> lis
                                                         for rows, _ in trained])
         init = results.get((method, "init"), ([], 0.0))[0]
         untrained = lambda key, group=None: f"({_per_seed(pick(init, 'network'), key, group):.3f})"  # noqa: E731
-        seconds = [s for _, s in trained]
+        seconds = [s for _, s in trained if not np.isnan(s)]
+        seconds_text = f"{np.mean(seconds):.0f} ± {np.std(seconds):.0f}" if seconds else "–"
         lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} "
                      f"{untrained('registration_dice', 'real')} | {column('network', 'registration_dice', 'synthetic')} "
                      f"{untrained('registration_dice', 'synthetic')} | {column('network', 'segmentation_dice')} "
                      f"{untrained('segmentation_dice')} | {column('refined', 'registration_dice', 'real')} | "
                      f"{column('refined', 'registration_dice', 'synthetic')} | {column('network', 'folding_percent')} | "
-                     f"{np.mean(seconds):.0f} ± {np.std(seconds):.0f} |")
+                     f"{seconds_text} |")
     for name in dict.fromkeys(r["method"] for r in peer_rows):
         mine = [r for r in peer_rows if r["method"] == name]
         lines.append(f"| {name} (no training) | – | {_per_seed(mine, 'registration_dice', 'real'):.3f} | "
@@ -189,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic", type=int, default=2, help="synthetic Colin27 pairs")
     parser.add_argument("--work", default=str(HERE / "work" / "methods"))
     parser.add_argument("--out", default=str(HERE / "methods"))
+    parser.add_argument("--previous", help="an earlier run's results.csv: methods not in --methods, and the "
+                        "peers, are taken from it")
     parser.add_argument("--summary-only", action="store_true",
                         help="train and evaluate nothing: tabulate the models already evaluated in --work")
     parser.add_argument("--evaluate-model", help=argparse.SUPPRESS)
@@ -235,27 +257,36 @@ def main(argv=None) -> int:
         futures = {key: pool.submit(job, *key) for key in jobs}
         results = {key: future.result() for key, future in futures.items()}
     print(f"trained and evaluated {len(results)} models in {time.perf_counter() - began:.0f} s", flush=True)
-    peer_rows = peers(pairs_csv, evaluations / "peers.csv")
+    carried, previous_peers = previous_results(Path(args.previous), set(args.methods)) if args.previous else ({}, [])
+    results = {**carried, **results}
+    if previous_peers and not (evaluations / "peers.csv").is_file():
+        peer_rows = previous_peers
+    else:
+        peer_rows = peers(pairs_csv, evaluations / "peers.csv")
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["strategy", "seed", "method", "pair", "registration_dice", "segmentation_dice", "hd95_mm",
-                         "folding_percent", "seconds"])
-        for (method, seed), (rows, _) in results.items():
+                         "folding_percent", "seconds", "train_seconds"])
+        for (method, seed), (rows, train_seconds) in results.items():
             for r in rows:
                 writer.writerow([method, seed, r["method"], r["pair"], f"{r['registration_dice']:.4f}",
                                  f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
-                                 f"{r['seconds']:.2f}"])
+                                 f"{r['seconds']:.2f}", "" if np.isnan(train_seconds) else f"{train_seconds:.1f}"])
         for r in peer_rows:
             writer.writerow(["peer", "", r["method"], r["pair"], f"{r['registration_dice']:.4f}",
                              f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
-                             f"{r['seconds']:.2f}"])
+                             f"{r['seconds']:.2f}", ""])
     command = (f"python benchmarks/methods_study.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
-               f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine}"
+               f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine} "
+               f"--methods {' '.join(args.methods)}"
+               + (f" --previous {args.previous}" if args.previous else "")
                + (" --summary-only" if args.summary_only else ""))
     lines = [f"Generated {datetime.date.today()} by `{command}`: {args.jobs} training/evaluation jobs at a time, one "
-             "thread each, CPU; peers afterwards on 2 threads.", "",
+             "thread each, CPU; peers afterwards on 2 threads."
+             + (f" Carried over from {args.previous}: {', '.join(sorted({m for m, _ in carried}))}"
+                + ("" if (evaluations / "peers.csv").is_file() else " and the peers") + "." if carried else ""), "",
              *summary_table(results, peer_rows, args.seeds)]
     (out / "TABLE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

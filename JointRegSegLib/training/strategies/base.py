@@ -23,6 +23,7 @@ class Strategy:
     name = ""
     weights: dict = {}  # the method's published (or documented) loss weights; a config's "weights" override
     regulariser = "diffusion"  # smoothness of the displacement; a config's "regulariser" overrides
+    SEGMENTATION_LOSSES = ("ce", "ce+dice", "dice")  # what a config's "segmentation_loss" may name
 
     def __init__(self, config: dict, net: nn.Module, data: FewShotData):
         self.config, self.net, self.data = config, net, data
@@ -34,16 +35,22 @@ class Strategy:
         self.regulariser = kind
         self.smooth = REGULARISERS[kind]()
         self.dice = DiceLoss(include_background=False)
+        segmentation_loss = config.get("segmentation_loss", "ce")
+        if segmentation_loss not in self.SEGMENTATION_LOSSES:
+            raise ValueError(f"segmentation_loss {segmentation_loss!r}: expected one of "
+                             f"{list(self.SEGMENTATION_LOSSES)}")
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The methods' cross-entropy segmentation loss (mean over voxels); with the config's
-        `"segmentation_loss": "ce+dice"` a soft Dice term is added (a documented deviation where a method
-        uses it: on 14 small structures cross-entropy alone leaves the net at background for hundreds of
-        steps, and a method whose other mechanisms read the segmentation then has nothing to read)."""
-        loss = soft_cross_entropy(logits, target).mean()
-        if self.config.get("segmentation_loss", "ce") == "ce+dice":
-            loss = loss + self.dice(torch.softmax(logits, 1), target)
-        return loss
+        """The methods' cross-entropy segmentation loss (mean over voxels), or what the config's
+        `"segmentation_loss"` puts in its place: `"ce+dice"` adds a soft Dice term, `"dice"` uses soft Dice
+        alone (documented deviations where a method uses them: on 14 small structures cross-entropy leaves
+        the net at background for hundreds of steps, and a method whose other mechanisms read the
+        segmentation then has nothing to read)."""
+        kind = self.config.get("segmentation_loss", "ce")
+        dice = self.dice(torch.softmax(logits, 1), target) if kind != "ce" else 0.0
+        if kind == "dice":
+            return dice
+        return soft_cross_entropy(logits, target).mean() + dice
 
     # --- what the loop asks -------------------------------------------------------------------
     def auxiliary(self) -> dict[str, nn.Module]:

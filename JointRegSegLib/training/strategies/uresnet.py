@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 from .base import Strategy
 
@@ -12,8 +13,10 @@ class UReSNetTraining(Strategy):
     L = MSE(W(M, D), R) + LNCC(W(M, D), R) + alpha |A - I|_1 + beta |grad u|_1
         + gamma Dice(S(M), M_seg) + delta Dice(W(S(M), D), R_seg),
     D = the affine A after the elastic u, and exactly that D is what inference returns. Segmentation
-    head activation: a sigmoid per class, as the paper's heads (Dice on the sigmoid maps; the arg-max at
-    inference is unchanged by it). Weights as published where they carry over (alpha 0.1,
+    head activation: a sigmoid per class, as the paper's heads; Dice on the sigmoid maps of every class,
+    background included, so that the arg-max over the classes at inference compares channels that were
+    all trained (with the background channel left out, as the other methods' softmax Dice does, it kept
+    its random initial output and segmentation Dice on held-out anatomy stayed at 0.04). Weights as published where they carry over (alpha 0.1,
     gamma = delta = 1); beta, given in the paper's own units (1e-11), is 1 here on the voxel
     displacement's spatial gradient. Few-shot: the Dice terms use whichever of the two images has
     labels; the moving image is a labelled one half of the time. The paper trains end to end from the
@@ -32,6 +35,9 @@ class UReSNetTraining(Strategy):
         super().__init__(config, net, data)
         if not hasattr(net, "elastic_and_affine"):
             raise ValueError("strategy 'uresnet' needs the 'uresnet' architecture (--arch uresnet)")
+        # every channel, background included: with independent sigmoids an untrained background channel
+        # would compete at the arg-max with whatever value it happens to output
+        self.dice = DiceLoss(include_background=True)
 
     def optimizers(self):
         return {"all": torch.optim.Adam(self.net.parameters(), lr=self.config["lr"].get("all", 1e-3))}
