@@ -142,8 +142,8 @@ def _per_seed(rows: list[dict], key: str, group: str | None = None) -> float:
 
 
 def previous_results(path: Path, skip: set[str]) -> tuple[dict, list[dict]]:
-    """An earlier run's rows, {(method, seed): (rows, training seconds)} for the methods not in `skip`, and its
-    peer rows. Training seconds are nan where that run did not record them."""
+    """An earlier run's rows, {(method, seed): (rows, training)} for the methods not in `skip`, and its peer
+    rows; training = {"seconds", "steps"}, nan where that run did not record them."""
     results, peer_rows = {}, []
     for row in _read_rows(path):
         if row["strategy"] == "peer":
@@ -152,9 +152,9 @@ def previous_results(path: Path, skip: set[str]) -> tuple[dict, list[dict]]:
         if row["strategy"] in skip:
             continue
         seed = row["seed"] if row["seed"] == "init" else int(row["seed"])
-        rows, _ = results.setdefault((row["strategy"], seed), ([], float("nan")))
-        rows.append(row)
-        results[(row["strategy"], seed)] = (rows, float(row.get("train_seconds") or "nan"))
+        training = {"seconds": float(row.get("train_seconds") or "nan"),
+                    "steps": float(row.get("train_steps") or "nan")}
+        results.setdefault((row["strategy"], seed), ([], training))[0].append(row)
     return results, peer_rows
 
 
@@ -168,11 +168,12 @@ def _spread(values: list[float]) -> str:
 
 
 def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> list[str]:
-    """results[(method, seed)] = (rows of that model: methods 'network', 'refined'; training seconds);
+    """results[(method, seed)] = (rows of that model: methods 'network', 'refined'; {"seconds", "steps"} of its
+    training);
     seed 'init' = the method's untrained initialisation, shown in brackets."""
     lines = ["| method | seeds | reg. Dice real, network (untrained) | reg. Dice synthetic, network (untrained) | "
              "seg. Dice, network (untrained) | reg. Dice real, refined | reg. Dice synthetic, refined | "
-             "folding %, network | train s |", "|---|---|---|---|---|---|---|---|---|"]
+             "folding %, network | train steps | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     pick = lambda rows, name: [r for r in rows if r["method"] == name]  # noqa: E731
     for method in METHODS:
         trained = [results[(method, s)] for s in seeds if (method, s) in results]
@@ -182,19 +183,21 @@ def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> lis
                                                         for rows, _ in trained])
         init = results.get((method, "init"), ([], 0.0))[0]
         untrained = lambda key, group=None: f"({_per_seed(pick(init, 'network'), key, group):.3f})"  # noqa: E731
-        seconds = [s for _, s in trained if not np.isnan(s)]
+        seconds = [t["seconds"] for _, t in trained if not np.isnan(t["seconds"])]
         seconds_text = f"{np.mean(seconds):.0f} ± {np.std(seconds):.0f}" if seconds else "–"
+        steps = sorted({int(t["steps"]) for _, t in trained if not np.isnan(t["steps"])})
+        steps_text = "/".join(map(str, steps)) or "–"
         lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} "
                      f"{untrained('registration_dice', 'real')} | {column('network', 'registration_dice', 'synthetic')} "
                      f"{untrained('registration_dice', 'synthetic')} | {column('network', 'segmentation_dice')} "
                      f"{untrained('segmentation_dice')} | {column('refined', 'registration_dice', 'real')} | "
                      f"{column('refined', 'registration_dice', 'synthetic')} | {column('network', 'folding_percent')} | "
-                     f"{seconds_text} |")
+                     f"{steps_text} | {seconds_text} |")
     for name in dict.fromkeys(r["method"] for r in peer_rows):
         mine = [r for r in peer_rows if r["method"] == name]
         lines.append(f"| {name} (no training) | – | {_per_seed(mine, 'registration_dice', 'real'):.3f} | "
                      f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | – | – | "
-                     f"{_per_seed(mine, 'folding_percent'):.4f} | – |")
+                     f"{_per_seed(mine, 'folding_percent'):.4f} | – | – |")
     return lines
 
 
@@ -239,9 +242,11 @@ def main(argv=None) -> int:
         rows = _read_rows(evaluate_one(model, pairs_csv, 0 if seed == "init" else args.refine,
                                        evaluations / f"{method}_{seed}.csv"))
         from JointRegSegLib.card import read_card
-        seconds = read_card(model)["training"].get("seconds_this_run", trained_s)
+        card = read_card(model)
+        training = {"seconds": card.get("training", {}).get("seconds_this_run", trained_s),
+                    "steps": sum(card.get("training", {}).get("config", {}).get("steps", {}).values())}
         print(f"{method} seed {seed}: trained and evaluated", flush=True)
-        return rows, seconds
+        return rows, training
 
     (models / "init").mkdir(exist_ok=True)
     # the costliest methods first, so the two lanes finish together
@@ -268,16 +273,17 @@ def main(argv=None) -> int:
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["strategy", "seed", "method", "pair", "registration_dice", "segmentation_dice", "hd95_mm",
-                         "folding_percent", "seconds", "train_seconds"])
-        for (method, seed), (rows, train_seconds) in results.items():
+                         "folding_percent", "seconds", "train_seconds", "train_steps"])
+        for (method, seed), (rows, training) in results.items():
+            recorded = ["" if np.isnan(training[k]) else f"{training[k]:.0f}" for k in ("seconds", "steps")]
             for r in rows:
                 writer.writerow([method, seed, r["method"], r["pair"], f"{r['registration_dice']:.4f}",
                                  f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
-                                 f"{r['seconds']:.2f}", "" if np.isnan(train_seconds) else f"{train_seconds:.1f}"])
+                                 f"{r['seconds']:.2f}", *recorded])
         for r in peer_rows:
             writer.writerow(["peer", "", r["method"], r["pair"], f"{r['registration_dice']:.4f}",
                              f"{r['segmentation_dice']:.4f}", f"{r['hd95_mm']:.3f}", f"{r['folding_percent']:.5f}",
-                             f"{r['seconds']:.2f}", ""])
+                             f"{r['seconds']:.2f}", "", ""])
     command = (f"python benchmarks/methods_study.py --data {args.data} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {' '.join(map(str, args.steps))} --jobs {args.jobs} --refine {args.refine} "
                f"--methods {' '.join(args.methods)}"

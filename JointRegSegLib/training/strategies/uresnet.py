@@ -15,11 +15,10 @@ class UReSNetTraining(Strategy):
     D = the affine A after the elastic u, and exactly that D is what inference returns. Segmentation
     head activation: a sigmoid per class, as the paper's heads; Dice on the sigmoid maps of every class,
     background included, so that the arg-max over the classes at inference compares channels that were
-    all trained (with the background channel left out, as the other methods' softmax Dice does, it kept
-    its random initial output and segmentation Dice on held-out anatomy stayed at 0.04). Weights as published where they carry over (alpha 0.1,
-    gamma = delta = 1); beta, given in the paper's own units (1e-11), is 1 here on the voxel
-    displacement's spatial gradient. Few-shot: the Dice terms use whichever of the two images has
-    labels; the moving image is a labelled one half of the time. The paper trains end to end from the
+    all trained (left out, the background channel would keep whatever its initial weights output). Weights
+    as published where they carry over (alpha 0.1, gamma = delta = 1); beta, given in the paper's own units
+    (1e-11), is 1 here on the voxel displacement's spatial gradient. Few-shot: the Dice terms use
+    whichever of the two images has labels; the moving image is a labelled one half of the time. The paper trains end to end from the
     start, so every phase of the shared budget runs this one update.
     Documented deviations: the elastic part is a stationary velocity integrated by scaling and squaring
     (the paper's head predicts the spatial gradient of the sampling grid through a sigmoid, in (0, 2),
