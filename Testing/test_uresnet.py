@@ -103,3 +103,21 @@ def test_uresnet_inference_uses_trained_transform():
     assert float(elastic.abs().max()) > 0.1 and float(trained.abs().std()) > 0.05  # a non-trivial transform
     assert inferred.shape == trained.shape
     assert torch.allclose(inferred, trained, atol=1e-6)
+
+
+def test_uresnet_segmentation_trains_the_background_channel():
+    """U-ReSNet's sigmoid heads are independent, so the arg-max at inference is only meaningful if every
+    channel is trained: the Dice term must send gradient to the background channel of the head too."""
+    from JointRegSegLib.training.dataset import FewShotData
+    from JointRegSegLib.training.strategies import UReSNetTraining
+    torch.manual_seed(0)
+    net = UReSNet({**ARCH, "channels": [4, 8], "integration_steps": 4}, num_classes=2)
+    moving, fixed = _blobs(seed=1), _blobs(seed=2)
+    labels = (moving > 0.5).long()
+    manifest = {"label_table": [{"value": 0}, {"value": 1}]}
+    data = FewShotData(manifest, {"m": moving, "f": fixed}, {"m": labels}, {}, ["m", "f"], [])
+    terms = UReSNetTraining({"lr": {"all": 1e-3}}, net, data).end_to_end("m", "f")
+    assert "seg_moving" in terms
+    terms["seg_moving"].backward()
+    head = net.seg_decoder["head"]
+    assert float(head.bias.grad[0].abs()) > 0 and float(head.weight.grad[0].abs().sum()) > 0
