@@ -315,6 +315,19 @@ def test_keypoint_affine_is_identity_for_one_image_and_trainable():
     assert sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None) > 0
 
 
+def test_untrained_keypoint_affine_spreads_its_keypoints():
+    """An untrained keypoint head must place its keypoints across the image with usable weights: with
+    the heat maps' softmax at the logits' raw scale every keypoint sat at the centre, the fit was
+    degenerate, and training never left its initial error."""
+    from JointRegSegLib.networks import KeypointAffine
+    torch.manual_seed(0)
+    head = KeypointAffine({"pool": 2, "keypoints": 16, "channels": [4, 8], "strides": [2]})
+    image = torch.rand(1, 1, 32, 40, 32)
+    points, peak = head.locate(image)
+    assert float(points.std(dim=1).min()) > 0.1          # normalised coordinates span [-1, 1]
+    assert float(peak.min()) > 1e-2
+
+
 def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
     """`train --strategy affine`: the output model carries the learned affine and a card that asks for
     it, every other weight is the input model's bit for bit, and the run-time pre-alignment uses it."""
