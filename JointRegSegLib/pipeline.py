@@ -169,8 +169,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     progress(stage, fraction) is called as work proceeds; cancel (an Event or a callable) stops it,
     raising Cancelled. Nothing is written anywhere by this function.
 
-    `affine_method`: "torch" (the fast MI affine on the working grid that the model was trained behind) or
-    "classical" (SimpleITK Mattes MI); default: the model card's `prealignment`, else classical.
+    `affine_method`: "torch" (the affine on the working grid the card's `prealignment` asks for: MI, or the
+    learned affine then a short MI polish) or "classical" (SimpleITK Mattes MI); default: "torch" when the
+    card has a `prealignment`, else classical.
     `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
     `network_passes`: how often the registration network runs (`networks.cascade_velocity`; no per-pair
     optimisation). Default: the card's `inference.passes`, else 1.
