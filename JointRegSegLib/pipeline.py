@@ -171,7 +171,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
 
     `affine_method`: "torch" (the affine on the working grid the card's `prealignment` asks for: MI, or the
     learned affine then a short MI polish) or "classical" (SimpleITK Mattes MI); default: "torch" when the
-    card has a `prealignment`, else classical.
+    card's `prealignment` kind is "torch-mi" or "learned", else classical.
     `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
     `network_passes`: how often the registration network runs (`networks.cascade_velocity`; no per-pair
     optimisation). Default: the card's `inference.passes`, else 1.

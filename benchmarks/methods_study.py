@@ -264,10 +264,8 @@ def main(argv=None) -> int:
     print(f"trained and evaluated {len(results)} models in {time.perf_counter() - began:.0f} s", flush=True)
     carried, previous_peers = previous_results(Path(args.previous), set(args.methods)) if args.previous else ({}, [])
     results = {**carried, **results}
-    if previous_peers and not (evaluations / "peers.csv").is_file():
-        peer_rows = previous_peers
-    else:
-        peer_rows = peers(pairs_csv, evaluations / "peers.csv")
+    peers_carried = bool(previous_peers) and not (evaluations / "peers.csv").is_file()
+    peer_rows = previous_peers if peers_carried else peers(pairs_csv, evaluations / "peers.csv")
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
@@ -292,7 +290,7 @@ def main(argv=None) -> int:
     lines = [f"Generated {datetime.date.today()} by `{command}`: {args.jobs} training/evaluation jobs at a time, one "
              "thread each, CPU; peers afterwards on 2 threads."
              + (f" Carried over from {args.previous}: {', '.join(sorted({m for m, _ in carried}))}"
-                + ("" if (evaluations / "peers.csv").is_file() else " and the peers") + "." if carried else ""), "",
+                + (" and the peers" if peers_carried else "") + "." if carried else ""), "",
              *summary_table(results, peer_rows, args.seeds)]
     (out / "TABLE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -35,9 +35,9 @@ class Strategy:
         self.regulariser = kind
         self.smooth = REGULARISERS[kind]()
         self.dice = DiceLoss(include_background=False)
-        segmentation_loss = config.get("segmentation_loss", "ce")
-        if segmentation_loss not in self.SEGMENTATION_LOSSES:
-            raise ValueError(f"segmentation_loss {segmentation_loss!r}: expected one of "
+        self.segmentation_loss = config.get("segmentation_loss", "ce")
+        if self.segmentation_loss not in self.SEGMENTATION_LOSSES:
+            raise ValueError(f"segmentation_loss {self.segmentation_loss!r}: expected one of "
                              f"{list(self.SEGMENTATION_LOSSES)}")
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Strategy:
         alone (documented deviations where a method uses them: on 14 small structures cross-entropy leaves
         the net at background for hundreds of steps, and a method whose other mechanisms read the
         segmentation then has nothing to read)."""
-        kind = self.config.get("segmentation_loss", "ce")
+        kind = self.segmentation_loss
         dice = self.dice(torch.softmax(logits, 1), target) if kind != "ce" else 0.0
         if kind == "dice":
             return dice

@@ -18,8 +18,8 @@ class UReSNetTraining(Strategy):
     all trained (left out, the background channel would keep whatever its initial weights output). Weights
     as published where they carry over (alpha 0.1, gamma = delta = 1); beta, given in the paper's own units
     (1e-11), is 1 here on the voxel displacement's spatial gradient. Few-shot: the Dice terms use
-    whichever of the two images has labels; the moving image is a labelled one half of the time. The paper trains end to end from the
-    start, so every phase of the shared budget runs this one update.
+    whichever of the two images has labels; the moving image is a labelled one half of the time. The
+    paper trains end to end from the start, so every phase of the shared budget runs this one update.
     Documented deviations: the elastic part is a stationary velocity integrated by scaling and squaring
     (the paper's head predicts the spatial gradient of the sampling grid through a sigmoid, in (0, 2),
     integrated by cumulative sum: that sigmoid is what keeps its maps monotone; the velocity head is
