@@ -1,8 +1,10 @@
 """Writing a Result to a folder: volumes, transforms, segmentations, QC. All or nothing."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,20 @@ def write_slicer_segmentation(labels: sitk.Image, label_table: list, path: str |
     sitk.WriteImage(image, str(path), True)
 
 
+def write_stored_gzip(image: sitk.Image, path: str | os.PathLike) -> None:
+    """`image` as a .nii.gz whose gzip stream stores the data without deflating it: every gzip/NIfTI reader
+    opens it. For a float32 displacement field deflate saves ~10 % (random low mantissa bits) at ~15x
+    the cost: 22 vs 25 MB, 0.49 vs 0.04 s for a 1.5 mm brain, about a tenth of a cold run."""
+    path = Path(path)
+    raw = path.with_name(path.name[:-len(".gz")] + ".raw-tmp.nii")
+    try:
+        sitk.WriteImage(image, str(raw), False)
+        with open(raw, "rb") as source, gzip.open(path, "wb", compresslevel=0) as target:
+            shutil.copyfileobj(source, target, 1 << 22)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
 # what `--report` adds; every name here and in OUTPUT_FILES is "a known output" that --overwrite replaces
 REPORT_FILES = {"report": "report.md", "picture": "qc_overview.png"}
 
@@ -69,7 +85,7 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
 
     transform.h5 is an ITK composite transform (the affine + the displacement field on the model's working
     grid): exact, a few MB whatever the fixed image's size. displacement_field.nii.gz is the same transform
-    sampled on the fixed grid as float32 vectors (mm), gzip-compressed.
+    sampled on the fixed grid as float32 vectors (mm), in a gzip stream without compression (write_stored_gzip).
     """
     out_dir = Path(out_dir)
     written = {}
@@ -92,7 +108,7 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
         field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
                                                   result.warped.GetOrigin(), result.warped.GetSpacing(),
                                                   result.warped.GetDirection())
-        sitk.WriteImage(field, target("displacement"), True)
+        write_stored_gzip(field, target("displacement"))
         del field
         step(3)
         sitk.WriteImage(result.fixed_segmentation, target("fixed_segmentation"), True)

@@ -13,7 +13,7 @@ import torch
 
 from .affine import affine_prealign
 from .affine_torch import prealign as prealign_torch
-from .segfusion import joint_segmentations, lateral_axis, mirror_averaged_segment, mirror_permutation
+from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
 from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
@@ -71,20 +71,19 @@ def _background(image: sitk.Image) -> float:
     return float(sitk.GetArrayViewFromImage(image).min())
 
 
-def _logits_image(logits: torch.Tensor, grid: sitk.Image) -> sitk.Image:
-    array = logits[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
+def _probability_image(probabilities: torch.Tensor, grid: sitk.Image) -> sitk.Image:
+    array = probabilities[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
     image = sitk.GetImageFromArray(array, isVector=True)
     image.CopyInformation(grid)
     return image
 
 
-def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
+def _labels_on(probability_image: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
     """Argmax of class probabilities resampled (linearly) onto `reference`; outside the grid: background."""
-    probs = sitk.GetArrayFromImage(logits_image)
-    probs = torch.softmax(torch.from_numpy(probs), dim=-1).numpy()
+    probs = sitk.GetArrayFromImage(probability_image)
     probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
     prob_image = sitk.GetImageFromArray(probs, isVector=True)
-    prob_image.CopyInformation(logits_image)
+    prob_image.CopyInformation(probability_image)
 
     def argmax(on_ref):
         # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
@@ -94,7 +93,7 @@ def _labels_on(logits_image: sitk.Image, reference: sitk.Image, transform=None) 
         return view.argmax(dim=-1).to(torch.uint8).numpy()
     # only inside the box where a structure can win: linear interpolation of voxels whose background
     # probability exceeds 1/2 keeps it above 1/2, so no structure wins outside the dilated box of the rest
-    box = _structure_box(probs[..., 0] <= 0.5, logits_image, reference, transform)
+    box = _structure_box(probs[..., 0] <= 0.5, probability_image, reference, transform)
     labels = np.zeros(reference.GetSize()[::-1], np.uint8)
     if box is None:
         return labels
@@ -225,9 +224,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     mirror_axis = lateral_axis(card["working_grid"].get("direction", np.eye(3).ravel()))
 
     def segment(network, image):
-        if permutation is None:
-            return network.segment(image)
-        return mirror_averaged_segment(network, image, permutation, mirror_axis)
+        return segment_probabilities(network, image, permutation, mirror_axis)
 
     def infer(dev: torch.device):
         network = model.network.to(dev)
@@ -235,7 +232,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
         with reporter.stage("network inference"), torch.no_grad():
             velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
-            fixed_logits, moving_logits = segment(network, fixed_t), segment(network, moving_t)
+            fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
         if refine_iterations > 0:
             with reporter.stage("test-time refinement") as stage:
                 velocity = refine_velocity(
@@ -245,12 +242,12 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                     on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
         with torch.no_grad():
             ddf = network.displacement(velocity, fixed_t.shape[2:])
-            fixed_logits, moving_logits = joint_segmentations(
-                network, velocity, fixed_logits, moving_logits, fixed_t.shape[2:], segmentation_mode,
+            fixed_probs, moving_probs = joint_probabilities(
+                network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], segmentation_mode,
                 seg_card.get("largest_component", True))
-        return ddf[0].cpu().numpy(), fixed_logits.cpu(), moving_logits.cpu()
+        return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu()
 
-    (ddf_voxels, fixed_logits, moving_logits), used_device = run_with_cpu_fallback(infer, torch_device)
+    (ddf_voxels, fixed_probs, moving_probs), used_device = run_with_cpu_fallback(infer, torch_device)
     model.network.to(torch_device)
 
     with reporter.stage("compose transform"):
@@ -262,9 +259,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         warped = resample(moving, fixed, transform, default=_background(moving))
     with reporter.stage("segmentations"):
         lut = _class_values(model.label_table)
-        fixed_labels = lut[_labels_on(_logits_image(fixed_logits, grid), fixed)]
+        fixed_labels = lut[_labels_on(_probability_image(fixed_probs, grid), fixed)]
         to_grid = affine_tx.GetInverse() if affine_tx is not None else None
-        moving_labels = lut[_labels_on(_logits_image(moving_logits, grid), moving, to_grid)]
+        moving_labels = lut[_labels_on(_probability_image(moving_probs, grid), moving, to_grid)]
         if card.get("segment_foreground_only"):
             # models trained on brain-extracted images never saw background voxels labelled
             fixed_labels[sitk.GetArrayViewFromImage(fixed) <= _background(fixed)] = 0

@@ -32,42 +32,50 @@ def lateral_axis(direction: np.ndarray) -> int:
     return 4 - int(columns.argmax())
 
 
-def mirror_averaged_segment(network, image: torch.Tensor, permutation: list[int], axis: int) -> torch.Tensor:
-    """Log of the mean of the segmentation probabilities of the image and of its left-right mirror (mirrored
-    back, left and right labels swapped): test-time augmentation that uses the brain's bilateral symmetry.
-    On Colin27 (held out of training) it raised segmentation Dice 0.707 -> 0.732, and 0.658 -> 0.670 over
-    ten synthetic subjects of it."""
+def segment_probabilities(network, image: torch.Tensor, permutation: list[int] | None = None,
+                          axis: int = 4) -> torch.Tensor:
+    """Class probabilities of the segmentation network. With a left-right `permutation`: the mean of the
+    probabilities of the image and of its mirror (mirrored back, left and right labels swapped), test-time
+    augmentation that uses the brain's bilateral symmetry. On Colin27 (held out of training) the mirror
+    raised segmentation Dice 0.707 -> 0.732, and 0.658 -> 0.670 over ten synthetic subjects of it."""
     direct = torch.softmax(network.segment(image), 1)
+    if permutation is None:
+        return direct
     mirrored = torch.softmax(network.segment(image.flip(axis)), 1).flip(axis)[:, permutation]
-    return torch.log(0.5 * (direct + mirrored) + 1e-8)
+    return (direct + mirrored) * 0.5
 
 
 def _largest_components(probabilities: torch.Tensor) -> torch.Tensor:
-    """Zero each class's probability outside the 1-voxel dilation of its largest connected component."""
-    labels = probabilities[0].argmax(0).cpu().numpy()
-    keep = np.ones(probabilities.shape[1:], dtype=bool)
-    for value in np.unique(labels):
-        if value == 0:
+    """Zero each class's probability outside the 1-voxel dilation of its largest connected component.
+
+    Works inside each class's bounding box (ndimage.find_objects): the same result as on the whole grid
+    (a component and its dilation cannot leave the box grown by one voxel) at a fraction of the cost."""
+    labels = probabilities[0].argmax(0).to(torch.uint8).cpu().numpy()
+    out = probabilities.clone()
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
             continue
-        pieces, count = ndimage.label(labels == value)
+        value = index + 1
+        grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, labels.shape))
+        pieces, count = ndimage.label(labels[grown] == value)
         if count > 1:
             sizes = np.bincount(pieces.ravel())[1:]
-            largest = pieces == (int(sizes.argmax()) + 1)
-            keep[value] = ndimage.binary_dilation(largest)
-    out = probabilities * torch.from_numpy(keep).to(probabilities)[None]
+            keep = np.zeros(labels.shape, dtype=bool)
+            keep[grown] = ndimage.binary_dilation(pieces == (int(sizes.argmax()) + 1))
+            out[0, value] *= torch.from_numpy(keep).to(out)
     out[:, 0] = torch.maximum(out[:, 0], 1 - out[:, 1:].sum(1))   # what a structure lost goes to background
     return out
 
 
-def joint_segmentations(network, velocity, fixed_logits, moving_logits, shape, mode: str = "network",
+def joint_probabilities(network, velocity, p_fixed, p_moving, shape, mode: str = "network",
                         largest_component: bool = True):
-    """(fixed, moving) log-probabilities on the working grid. `mode`: the network's own ("network"), the
-    other image's carried by the transform ("propagation"), or their mean ("fusion"). The moving one is
-    carried back by the inverse map (negated stationary velocity); models whose output is not a stationary
-    velocity (U-ReSNet) keep their own moving segmentation."""
+    """(fixed, moving) class probabilities on the working grid from the network's own probabilities.
+    `mode`: the network's own ("network"), the other image's carried by the transform ("propagation"), or
+    their mean ("fusion"). The moving one is carried back by the inverse map (negated stationary
+    velocity); models whose output is not a stationary velocity (U-ReSNet) keep their own moving
+    segmentation."""
     if mode not in MODES:
         raise ValueError(f"segmentation mode {mode!r}; choose one of {MODES}")
-    p_fixed, p_moving = torch.softmax(fixed_logits, 1), torch.softmax(moving_logits, 1)
     if mode != "network":
         ddf = network.displacement(velocity, shape)
         to_fixed = network.warp(p_moving, ddf)
@@ -79,4 +87,12 @@ def joint_segmentations(network, velocity, fixed_logits, moving_logits, shape, m
             p_fixed, p_moving = to_fixed, to_moving
     if largest_component:
         p_fixed, p_moving = _largest_components(p_fixed), _largest_components(p_moving)
+    return p_fixed, p_moving
+
+
+def joint_segmentations(network, velocity, fixed_logits, moving_logits, shape, mode: str = "network",
+                        largest_component: bool = True):
+    """`joint_probabilities` from logits, as log-probabilities."""
+    p_fixed, p_moving = joint_probabilities(network, velocity, torch.softmax(fixed_logits, 1),
+                                            torch.softmax(moving_logits, 1), shape, mode, largest_component)
     return torch.log(p_fixed.clamp_min(1e-6)), torch.log(p_moving.clamp_min(1e-6))

@@ -67,6 +67,9 @@ def test_written_transform_reproduces_warped_image(tmp_path, tiny_model, geometr
                                float(warped.min()), sitk.sitkFloat32)
     # float32 on disk: sub-micrometre displacement rounding only
     assert np.abs(sitk.GetArrayFromImage(from_field) - warped).max() < 1e-2 * scale
+    # a real gzip stream (stored, not deflated, for speed), and no temporary file left beside the outputs
+    assert written["displacement"].read_bytes()[:2] == b"\x1f\x8b"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(str(p.name) for p in written.values())
 
     on_disk = sitk.ReadImage(str(written["warped"]))
     assert on_disk.GetSize() == fixed.GetSize()

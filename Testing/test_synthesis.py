@@ -207,7 +207,7 @@ def test_mirror_permutation_pairs_left_and_right_structures():
 def test_mirror_averaged_segmentation_of_a_symmetric_image_is_left_right_consistent():
     """A network that favours one side (as a trained one may) gives, mirror-averaged, the same structure
     on both sides of a mirror-symmetric image, labelled left on the left and right on the right."""
-    from JointRegSegLib.segfusion import mirror_averaged_segment
+    from JointRegSegLib.segfusion import segment_probabilities
     table = [{"value": 0, "name": "background"}, {"value": 1, "name": "left blob"},
              {"value": 2, "name": "right blob"}]
     from JointRegSegLib.segfusion import mirror_permutation
@@ -225,7 +225,7 @@ def test_mirror_averaged_segmentation_of_a_symmetric_image_is_left_right_consist
     image = torch.zeros(1, 1, 8, 8, 16)
     image[..., 2:6, 2:6, 2:5] = 1.0
     image[..., 2:6, 2:6, 11:14] = 1.0          # the mirror image of the first blob
-    labels = mirror_averaged_segment(Biased(), image, mirror_permutation(table), 4).argmax(1)[0]
+    labels = segment_probabilities(Biased(), image, mirror_permutation(table), 4).argmax(1)[0]
     assert (labels[2:6, 2:6, 11:14] == 1).all()  # +x is the patient's left (LPS)
     assert (labels[2:6, 2:6, 2:5] == 2).all()
     assert (labels == 1).sum() == (labels == 2).sum()

@@ -11,6 +11,10 @@ Train as you infer: every pair goes through the very affine pre-alignment that r
 (`affine_torch.fit_affine`, after a random affine of each image), so the deformable network learns only
 the residual it meets at run time.
 
+With `train_passes` > 1 the registration network is trained as the recursive cascade that inference runs
+(`networks.cascade_velocity`, shared weights, loss on the composed flow), as in recursive cascaded networks
+(Zhao et al., ICCV 2019); SynthMorph itself trains one pass.
+
 Deviations from the papers, on purpose: a stationary velocity field (diffeomorphic) instead of
 SynthMorph's direct displacement in some variants; 2 mm working grid and a few thousand steps on a CPU
 where the papers train ~10^5 steps on GPUs; the label maps are the offline ones (Colin27 held out).
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
 from ..affine_torch import fit_affine, warp_with_theta
+from ..networks import cascade_velocity
 from ..checkpoint import load_model, new_model, save_model
 from ..device import resolve_device
 from ..intensity import normalize
@@ -165,6 +170,9 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     lr = config.get("lr", 1e-3)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps = int(config["steps"])
+    train_passes = int(config.get("train_passes", 1))
+    if train_passes < 1:
+        raise ValueError(f"train_passes {train_passes}: must be at least 1")
     dice_fn = DiceLoss(include_background=False, reduction="mean")
     smooth_fn = DiffusionLoss()
     image_fn = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5, kernel_type="rectangular")
@@ -183,7 +191,9 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
             for group in optimizer.param_groups:   # cosine decay to 10 % over the run
                 group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
             fixed, fixed_image, moving, _, _ = pairs.pair(rng)
-            velocity = net.velocity(moving["image"], fixed_image)
+            # the same recursive cascade as inference (card `inference.passes`), trained end to end on its
+            # composed flow: each later pass learns the residual the earlier ones leave, not a fresh pair
+            velocity = cascade_velocity(net, moving["image"], fixed_image, train_passes)
             # the label loss at the velocity's (half) resolution: soft one-hots average-pooled, warped by the
             # half-resolution displacement the network integrates anyway (8x cheaper than at full size)
             ddf_low = net.integrator.integrate_low(velocity)
