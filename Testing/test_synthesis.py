@@ -394,3 +394,51 @@ def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
     fixed = sample_on(grid, phantom_array)
     found = prealign(fixed, fixed, trained.card, network=trained.network)
     assert np.allclose(np.array(found.GetMatrix()).reshape(3, 3), np.eye(3), atol=0.05)
+
+
+def _tiny_synth_config(**changes) -> dict:
+    config = {
+        "name": "tiny-synth", "strategy": "synth", "seed": 0, "steps": 2, "heldout_metrics": False,
+        "architecture": {"name": "unet-pair", "registration": {"channels": [4, 8], "strides": [2]},
+                         "segmentation": {"channels": [4, 8], "strides": [2]}, "integration_steps": 3,
+                         "velocity_downsample": 2},
+        "working_grid": {"size": [40, 48, 40], "spacing": [2.0, 2.0, 2.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
+        "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.5},
+        "train_affine_schedule": [[2, 3]],
+        "synthesis": {"blur_voxels": [0.0, 0.0], "anisotropy_probability": 0.0, "bias_strength": 0.0,
+                      "gamma_std": 0.0, "noise_std": [0.0, 0.0], "crop_probability": 0.0},
+    }
+    config.update(changes)
+    return config
+
+
+def _phantom_sources_dir(path):
+    import json
+    source = _phantom_source()
+    path.mkdir()
+    np.savez_compressed(path / "sources.npz", **{"phantom/generation": source.generation,
+                                                  "phantom/target": source.target, "phantom/image": source.image})
+    (path / "sources.json").write_text(json.dumps({"grid": {"size": [40, 48, 40], "spacing": [2.0] * 3,
+                                                            "center_lps": [0.0, 0.0, 0.0]},
+                                                   "sources": [{"name": "phantom", "provenance": "test",
+                                                                "licence": "n/a", "has_target": True,
+                                                                "has_image": True}]}))
+    return path
+
+
+def test_synthetic_training_trains_the_inference_cascade(tmp_path):
+    """`train_passes` 2 trains the two-pass cascade inference runs (other weights than one pass from the
+    same seed and pairs); 0 passes is refused by name."""
+    import pytest
+    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.training.synth_train import train_synth
+    data = _phantom_sources_dir(tmp_path / "data")
+    weights = {}
+    for passes in (1, 2):
+        out = train_synth(_tiny_synth_config(train_passes=passes), data, tmp_path / f"p{passes}.safetensors")
+        weights[passes] = load_model(out).network.state_dict()
+        assert len((tmp_path / f"p{passes}.log.csv").read_text().splitlines()) == 3   # header + 2 steps
+    changed = [k for k in weights[1] if "registration" in k and not torch.equal(weights[1][k], weights[2][k])]
+    assert changed
+    with pytest.raises(ValueError, match="train_passes 0"):
+        train_synth(_tiny_synth_config(train_passes=0), data, tmp_path / "p0.safetensors")
