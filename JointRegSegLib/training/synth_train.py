@@ -22,7 +22,6 @@ where the papers train ~10^5 steps on GPUs; the label maps are the offline ones 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..checkpoint import load_model, new_model, save_model
 from ..device import resolve_device
 from ..intensity import normalize
 from ..progress import Reporter
+from .training_log import open_training_log
 from ..data.generator import BrainSynthesizer, SynthesisSettings
 from ..data.label_table import LABEL_TABLE
 
@@ -179,11 +179,7 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     seg_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     classes = model.num_classes
     log_path = out_path.with_suffix(".log.csv")
-    new_log = start == 0 or not log_path.is_file()
-    log = open(log_path, "w" if start == 0 else "a", newline="", encoding="utf-8")
-    writer = csv.writer(log)
-    if new_log:
-        writer.writerow(["step", "phase", "loss", "terms", "seconds"])
+    log, writer = open_training_log(log_path, start)
     rng = np.random.default_rng(seed * 1_000_003 + start)
     began = time.perf_counter()
     try:

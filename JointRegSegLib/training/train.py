@@ -4,7 +4,6 @@ distributed with torch DDP under torchrun."""
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import random
@@ -23,6 +22,7 @@ from ..device import resolve_device
 from ..errors import JointRegSegError
 from ..progress import Reporter
 from .dataset import FewShotData, load_fewshot
+from .training_log import open_training_log
 from .strategies import PAPERS, STRATEGIES
 
 
@@ -160,10 +160,7 @@ def train(config: dict, data_dir, out_path, init=None, device="auto", progress=N
     optimizers = strategy.optimizers()
     plan = _schedule(config)
     log_path = out_path.with_suffix(".log.csv")
-    log = open(log_path, "a", newline="", encoding="utf-8") if rank == 0 else None
-    writer = csv.writer(log) if log else None
-    if writer and start == 0:
-        writer.writerow(["step", "phase", "loss", "terms", "seconds"])
+    log, writer = open_training_log(log_path, start) if rank == 0 else (None, None)
     rng = random.Random(seed + start + 1_000_003 * rank)
     began = time.perf_counter()
     try:
