@@ -130,3 +130,19 @@ def test_dicom_folder_input(tmp_path):
     volume = read_image(folder, "moving")
     assert volume.GetSize() == image.GetSize()
     np.testing.assert_allclose(volume.GetSpacing(), image.GetSpacing(), atol=1e-4)
+
+
+def test_the_command_exits_with_the_status_of_its_work(tmp_path):
+    """`python -m JointRegSegLib` (as the `jointregseg` script) leaves without the interpreter's teardown,
+    yet with the status and the message of what it did: 2 and the named problem for a missing input."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "JointRegSegLib", "run", "--moving", str(tmp_path / "nope.nii.gz"),
+                           "--fixed", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "nope.nii.gz" in done.stderr and "error" in done.stderr
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([sys.executable, "-m", "JointRegSegLib", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "run" in done.stdout
