@@ -244,7 +244,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             ddf = network.displacement(velocity, fixed_t.shape[2:])
             fixed_probs, moving_probs = joint_probabilities(
                 network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], segmentation_mode,
-                seg_card.get("largest_component", True))
+                seg_card.get("largest_component", True), ddf=ddf)
         return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu()
 
     (ddf_voxels, fixed_probs, moving_probs), used_device = run_with_cpu_fallback(infer, torch_device)

@@ -68,16 +68,16 @@ def _largest_components(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def joint_probabilities(network, velocity, p_fixed, p_moving, shape, mode: str = "network",
-                        largest_component: bool = True):
+                        largest_component: bool = True, ddf: torch.Tensor | None = None):
     """(fixed, moving) class probabilities on the working grid from the network's own probabilities.
     `mode`: the network's own ("network"), the other image's carried by the transform ("propagation"), or
     their mean ("fusion"). The moving one is carried back by the inverse map (negated stationary
     velocity); models whose output is not a stationary velocity (U-ReSNet) keep their own moving
-    segmentation."""
+    segmentation. `ddf`: the displacement of `velocity` on `shape`, when the caller has it already."""
     if mode not in MODES:
         raise ValueError(f"segmentation mode {mode!r}; choose one of {MODES}")
     if mode != "network":
-        ddf = network.displacement(velocity, shape)
+        ddf = network.displacement(velocity, shape) if ddf is None else ddf
         to_fixed = network.warp(p_moving, ddf)
         invertible = not hasattr(network, "compose")
         to_moving = network.warp(p_fixed, network.displacement(-velocity, shape)) if invertible else p_moving
