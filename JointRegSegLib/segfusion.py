@@ -89,10 +89,3 @@ def joint_probabilities(network, velocity, p_fixed, p_moving, shape, mode: str =
         p_fixed, p_moving = _largest_components(p_fixed), _largest_components(p_moving)
     return p_fixed, p_moving
 
-
-def joint_segmentations(network, velocity, fixed_logits, moving_logits, shape, mode: str = "network",
-                        largest_component: bool = True):
-    """`joint_probabilities` from logits, as log-probabilities."""
-    p_fixed, p_moving = joint_probabilities(network, velocity, torch.softmax(fixed_logits, 1),
-                                            torch.softmax(moving_logits, 1), shape, mode, largest_component)
-    return torch.log(p_fixed.clamp_min(1e-6)), torch.log(p_moving.clamp_min(1e-6))

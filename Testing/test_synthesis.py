@@ -9,7 +9,7 @@ from JointRegSegLib.affine_torch import fit_affine, prealign, warp_with_theta
 from JointRegSegLib.data.atlas_sources import SynthSource, intensity_clusters
 from JointRegSegLib.data.generator import BrainSynthesizer, SynthesisSettings, random_velocity_ddf, render
 from JointRegSegLib.geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
-from JointRegSegLib.segfusion import joint_segmentations
+from JointRegSegLib.segfusion import joint_probabilities
 
 from conftest import phantom_array, rotation
 
@@ -156,10 +156,10 @@ def test_fusion_beats_either_segmentation_on_constructed_case():
     net = _ShiftNet()
     dice = lambda logits: float(2 * ((logits.argmax(1) == 1) & (truth == 1)).sum()
                                 / ((logits.argmax(1) == 1).sum() + (truth == 1).sum()))
-    network, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "network", False)
-    propagated, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "propagation",
-                                        False)
-    fused, _ = joint_segmentations(net, velocity, fixed_logits, moving_logits, (24, 24, 24), "fusion", True)
+    p_fixed, p_moving = fixed_logits.exp(), moving_logits.exp()
+    network, _ = joint_probabilities(net, velocity, p_fixed, p_moving, (24, 24, 24), "network", False)
+    propagated, _ = joint_probabilities(net, velocity, p_fixed, p_moving, (24, 24, 24), "propagation", False)
+    fused, _ = joint_probabilities(net, velocity, p_fixed, p_moving, (24, 24, 24), "fusion", True)
     assert dice(fused) > max(dice(network), dice(propagated)) + 0.05
 
 
@@ -169,7 +169,9 @@ def test_largest_component_removes_speckles():
     logits[:, 1, 5:12, 5:12, 5:12] = 5.0      # the structure
     logits[:, 1, 17, 17, 17] = 5.0            # a speckle on the rim
     net = _ShiftNet()
-    cleaned, _ = joint_segmentations(net, torch.zeros(1, 3, 10, 10, 10), logits, logits, (20, 20, 20), "network")
+    probabilities = torch.softmax(logits, 1)
+    cleaned, _ = joint_probabilities(net, torch.zeros(1, 3, 10, 10, 10), probabilities, probabilities, (20, 20, 20),
+                                     "network")
     labels = cleaned.argmax(1)[0]
     assert labels[17, 17, 17] == 0 and labels[8, 8, 8] == 1
 
