@@ -83,6 +83,7 @@ def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) ->
     from .outputs import write_result
     from .pipeline import register_and_segment
     result = register_and_segment(moving, fixed, model, device=args.device, affine=not args.no_affine,
+                                  affine_method=getattr(args, "affine_method", None),
                                   refine_iterations=args.refine, refine_similarity=args.similarity,
                                   guide_labels=guide, progress=progress)
     written = write_result(result, args.out, extra_qc={"inputs": {"moving": str(args.moving),
@@ -96,6 +97,9 @@ def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) ->
 def validate_run_options(args) -> None:
     """Option combinations that cannot do what they say; raises JointRegSegError before any work."""
     guided = bool(args.guide_moving_labels or args.guide_fixed_labels)
+    if getattr(args, "affine_method", None) and args.no_affine:
+        raise JointRegSegError(f"--affine-method {args.affine_method} chooses the affine pre-alignment that "
+                               "--no-affine skips; drop one of them")
     if args.similarity and args.refine == 0 and not guided:
         raise JointRegSegError(f"--similarity {args.similarity} only applies to test-time refinement; "
                                "add --refine N (N > 0) or drop --similarity")
@@ -218,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--similarity", choices=["lncc", "mi"], default=None,
                      help="refinement similarity, needs --refine N > 0 (default: the model card's, lncc)")
     run.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    run.add_argument("--affine-method", choices=["torch", "classical"], default=None,
+                     help="affine pre-alignment: torch (what the model card asks for: its learned affine and a "
+                          "short MI polish, or MI on the working grid) or classical (SimpleITK Mattes MI on the "
+                          "images, slower) (default: torch for cards that ask for it)")
     run.add_argument("--guide-moving-labels", default=None, metavar="LABELS",
                      help="corrected label map of the moving image: refinement also aligns it (with the next)")
     run.add_argument("--guide-fixed-labels", default=None, metavar="LABELS",

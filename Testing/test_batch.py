@@ -116,6 +116,7 @@ def test_batch_isolates_a_failing_pair(cohort, capsys):
     (("name", "moving", "fixed", "colour"), [("a", "x", "y", "red")], "unknown column\\(s\\) colour"),
     (("name", "moving", "fixed", "refine"), [("a", "x", "y", "many")], "column 'refine'.*'many'"),
     (("name", "moving", "fixed", "similarity"), [("a", "x", "y", "ssd")], "must be one of lncc, mi"),
+    (("name", "moving", "fixed", "affine_method"), [("a", "x", "y", "sift")], "must be one of torch, classical"),
     (("name", "moving", "fixed"), [("../up", "x", "y")], "cannot be a folder name"),
     (("name", "moving", "fixed", "moving_labels"), [("a", "x", "y", "l.nrrd")], "needs both moving_labels"),
 ])

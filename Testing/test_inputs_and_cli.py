@@ -94,6 +94,22 @@ def test_cli_run_writes_every_output(tmp_path, pair_files, tiny_checkpoint, caps
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_cli_affine_method_is_chosen_and_recorded(tmp_path, pair_files, tiny_checkpoint, capsys):
+    base = ["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]), "--model", str(tiny_checkpoint)]
+    matrices = {}
+    for method in ("torch", "classical"):
+        out = tmp_path / method
+        assert main(base + ["--out", str(out), "--affine-method", method]) == 0
+        qc = json.loads((out / "qc.json").read_text(encoding="utf-8"))
+        assert qc["affine_method"] == method
+        matrices[method] = qc["affine_matrix"]
+    assert matrices["torch"] != matrices["classical"]   # two different optimisers actually ran
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "both"), "--no-affine", "--affine-method", "torch"]) == 2
+    assert "--affine-method torch chooses the affine pre-alignment that --no-affine skips" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
+
+
 def test_cli_failure_leaves_no_files(tmp_path, pair_files, capsys):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x80\x04garbage-pickle-bytes")
