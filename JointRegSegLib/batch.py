@@ -156,7 +156,7 @@ def signature(pair_args: argparse.Namespace, model) -> dict:
             "fixed_labels": pair_args.guide_fixed_labels, "model": str(Path(pair_args.model).resolve()),
             "model_weights_sha256": model.card.get("weights_sha256"), "refine": int(pair_args.refine),
             "similarity": pair_args.similarity, "no_affine": bool(pair_args.no_affine),
-            "affine_method": getattr(pair_args, "affine_method", None),
+            "affine_method": pair_args.affine_method,
             "report": bool(pair_args.report)}
 
 

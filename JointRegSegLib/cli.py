@@ -83,7 +83,7 @@ def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) ->
     from .outputs import write_result
     from .pipeline import register_and_segment
     result = register_and_segment(moving, fixed, model, device=args.device, affine=not args.no_affine,
-                                  affine_method=getattr(args, "affine_method", None),
+                                  affine_method=args.affine_method,
                                   refine_iterations=args.refine, refine_similarity=args.similarity,
                                   guide_labels=guide, progress=progress)
     written = write_result(result, args.out, extra_qc={"inputs": {"moving": str(args.moving),
@@ -97,7 +97,7 @@ def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) ->
 def validate_run_options(args) -> None:
     """Option combinations that cannot do what they say; raises JointRegSegError before any work."""
     guided = bool(args.guide_moving_labels or args.guide_fixed_labels)
-    if getattr(args, "affine_method", None) and args.no_affine:
+    if args.affine_method and args.no_affine:
         raise JointRegSegError(f"--affine-method {args.affine_method} chooses the affine pre-alignment that "
                                "--no-affine skips; drop one of them")
     if args.similarity and args.refine == 0 and not guided:

@@ -71,19 +71,13 @@ def _background(image: sitk.Image) -> float:
     return float(sitk.GetArrayViewFromImage(image).min())
 
 
-def _probability_image(probabilities: torch.Tensor, grid: sitk.Image) -> sitk.Image:
-    array = probabilities[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
-    image = sitk.GetImageFromArray(array, isVector=True)
-    image.CopyInformation(grid)
-    return image
-
-
-def _labels_on(probability_image: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
-    """Argmax of class probabilities resampled (linearly) onto `reference`; outside the grid: background."""
-    probs = sitk.GetArrayFromImage(probability_image)
+def _labels_on(probabilities: torch.Tensor, grid: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
+    """Argmax of class probabilities (1, C, z, y, x on the working `grid`) resampled (linearly) onto
+    `reference`; outside the grid: background."""
+    probs = probabilities[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
     probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
     prob_image = sitk.GetImageFromArray(probs, isVector=True)
-    prob_image.CopyInformation(probability_image)
+    prob_image.CopyInformation(grid)
 
     def argmax(on_ref):
         # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
@@ -93,7 +87,7 @@ def _labels_on(probability_image: sitk.Image, reference: sitk.Image, transform=N
         return view.argmax(dim=-1).to(torch.uint8).numpy()
     # only inside the box where a structure can win: linear interpolation of voxels whose background
     # probability exceeds 1/2 keeps it above 1/2, so no structure wins outside the dilated box of the rest
-    box = _structure_box(probs[..., 0] <= 0.5, probability_image, reference, transform)
+    box = _structure_box(probs[..., 0] <= 0.5, grid, reference, transform)
     labels = np.zeros(reference.GetSize()[::-1], np.uint8)
     if box is None:
         return labels
@@ -259,9 +253,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         warped = resample(moving, fixed, transform, default=_background(moving))
     with reporter.stage("segmentations"):
         lut = _class_values(model.label_table)
-        fixed_labels = lut[_labels_on(_probability_image(fixed_probs, grid), fixed)]
+        fixed_labels = lut[_labels_on(fixed_probs, grid, fixed)]
         to_grid = affine_tx.GetInverse() if affine_tx is not None else None
-        moving_labels = lut[_labels_on(_probability_image(moving_probs, grid), moving, to_grid)]
+        moving_labels = lut[_labels_on(moving_probs, grid, moving, to_grid)]
         if card.get("segment_foreground_only"):
             # models trained on brain-extracted images never saw background voxels labelled
             fixed_labels[sitk.GetArrayViewFromImage(fixed) <= _background(fixed)] = 0
