@@ -27,7 +27,7 @@ SUMMARY_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "foldi
                   "jacobian_max", "device", "refine_iterations", "out"]
 PATH_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels")
 # per-row overrides of the command line's run options (column name = option name, - or _)
-ROW_OPTIONS = ("refine", "similarity", "no_affine", "affine_method", "report")
+ROW_OPTIONS = ("refine", "similarity", "no_affine", "affine_method", "no_scale_search", "report")
 # run options that apply to the whole batch and are not copied from `run`'s parser as they are
 _PAIR_ARGUMENTS = {"moving", "fixed", "out", "guide_moving_labels", "guide_fixed_labels", "help"}
 REPORT_FILES = ("report.md", "qc_overview.png")  # what --report adds to a pair's folder
@@ -156,7 +156,7 @@ def signature(pair_args: argparse.Namespace, model) -> dict:
             "fixed_labels": pair_args.guide_fixed_labels, "model": str(Path(pair_args.model).resolve()),
             "model_weights_sha256": model.card.get("weights_sha256"), "refine": int(pair_args.refine),
             "similarity": pair_args.similarity, "no_affine": bool(pair_args.no_affine),
-            "affine_method": pair_args.affine_method,
+            "affine_method": pair_args.affine_method, "no_scale_search": bool(pair_args.no_scale_search),
             "report": bool(pair_args.report)}
 
 

@@ -84,6 +84,7 @@ def run_and_write(args, moving, fixed, guide, model, progress, extra_qc=None) ->
     from .pipeline import register_and_segment
     result = register_and_segment(moving, fixed, model, device=args.device, affine=not args.no_affine,
                                   affine_method=args.affine_method,
+                                  scale_search=False if getattr(args, "no_scale_search", False) else None,
                                   refine_iterations=args.refine, refine_similarity=args.similarity,
                                   guide_labels=guide, progress=progress)
     written = write_result(result, args.out, extra_qc={"inputs": {"moving": str(args.moving),
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="affine pre-alignment: torch (what the model card asks for: its learned affine and a "
                           "short MI polish, or MI on the working grid) or classical (SimpleITK Mattes MI on the "
                           "images, slower) (default: torch for cards that ask for it)")
+    run.add_argument("--no-scale-search", action="store_true",
+                     help="use the network's velocity as it is, without choosing its length among the model "
+                          "card's `inference.scales` by image similarity")
     run.add_argument("--guide-moving-labels", default=None, metavar="LABELS",
                      help="corrected label map of the moving image: refinement also aligns it (with the next)")
     run.add_argument("--guide-fixed-labels", default=None, metavar="LABELS",

@@ -25,7 +25,7 @@ from .intensity import normalize
 from .networks import cascade_velocity
 from .progress import Reporter
 from .qc import determinant_stats, label_volumes_ml, volume_flags
-from .refine import refine_velocity
+from .refine import choose_velocity_scale, refine_velocity
 
 
 @dataclass
@@ -152,7 +152,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                          affine: bool = True, refine_iterations: int = 0, refine_similarity: str | None = None,
                          refine_smoothness: float | None = None, guide_labels: tuple | None = None,
                          affine_method: str | None = None, segmentation_mode: str | None = None,
-                         network_passes: int | None = None, progress=None, cancel=None) -> Result:
+                         network_passes: int | None = None, scale_search: bool | None = None, progress=None,
+                         cancel=None) -> Result:
     """Register `moving` onto `fixed` and segment both with a joint model (see DESIGN.md, core contract).
 
     `guide_labels` = (moving label map, fixed label map), values from the model's label table, e.g. an
@@ -168,6 +169,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     `segmentation_mode`: "network", "propagation" or "fusion" (see segfusion.py); default: the card's.
     `network_passes`: how often the registration network runs (`networks.cascade_velocity`; no per-pair
     optimisation). Default: the card's `inference.passes`, else 1.
+    `scale_search`: choose the length of the network's velocity among the card's `inference.scales` by
+    image similarity (`refine.choose_velocity_scale`; one scalar, no optimisation of the field); default: on
+    when the card lists scales. False: the network's output as it is.
     """
     reporter = Reporter(progress, cancel)
     started = time.perf_counter()
@@ -190,6 +194,13 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     network_passes = int(network_passes)
     if network_passes < 1:
         raise ValueError(f"network_passes {network_passes}: must be at least 1")
+    scales = [float(s) for s in card.get("inference", {}).get("scales", [])]
+    if scale_search is None:
+        scale_search = bool(scales)
+    if scale_search and not scales:
+        raise ValueError(f"scale_search: the model card of {card.get('name', 'this model')!r} lists no "
+                         "`inference.scales` to choose from")
+    velocity_scale = 1.0
     if affine:
         with reporter.stage("affine pre-alignment") as stage:
             # on canonically ordered copies: the result must not depend on how the files store their axes
@@ -227,6 +238,11 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         with reporter.stage("network inference"), torch.no_grad():
             velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
             fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
+        if scale_search:
+            nonlocal velocity_scale
+            with reporter.stage("velocity scale"):
+                velocity_scale, _ = choose_velocity_scale(network, velocity, moving_t, fixed_t, scales)
+            velocity = velocity_scale * velocity
         if refine_iterations > 0:
             with reporter.stage("test-time refinement") as stage:
                 velocity = refine_velocity(
@@ -278,6 +294,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "affine_method": affine_method if affine else None,
             "segmentation_mode": segmentation_mode,
             "network_passes": network_passes,
+            "velocity_scale": velocity_scale,
             "segmentation_mirror_average": permutation is not None,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,

@@ -50,3 +50,18 @@ def refine_velocity(network, velocity_low: torch.Tensor, moving: torch.Tensor, f
             if on_step is not None:
                 on_step(step, float(loss.detach()))
     return velocity.detach()
+
+
+def choose_velocity_scale(network, velocity_low: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
+                          scales, kernel_size: int = 5) -> tuple[float, list[float]]:
+    """The scale s among `scales` whose flow exp(s * v) best aligns the pair (LNCC at the working
+    resolution); returns (s, the LNCC loss of every candidate). One scalar per pair, no gradient: the
+    network's direction is kept and only its length is chosen. Measured on held-out pairs: the network
+    overshoots a pure rigid motion (the residual after the affine is nil, the best scale about 0.5) and
+    undershoots real cross-template pairs (about 1.25)."""
+    similarity_fn = similarity_loss("lncc", kernel_size)
+    shape = fixed.shape[2:]
+    with torch.no_grad():
+        losses = [float(similarity_fn(network.warp(moving, network.displacement(float(s) * velocity_low, shape)),
+                                      fixed)) for s in scales]
+    return float(scales[min(range(len(losses)), key=losses.__getitem__)]), losses

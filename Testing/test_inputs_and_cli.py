@@ -162,3 +162,15 @@ def test_the_command_exits_with_the_status_of_its_work(tmp_path):
     done = subprocess.run([sys.executable, "-m", "JointRegSegLib", "--help"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "run" in done.stdout
+
+
+def test_cli_no_scale_search_keeps_the_network_velocity(tmp_path, pair_files, tiny_model):
+    from JointRegSegLib.checkpoint import save_model
+    tiny_model.card["inference"] = {"scales": [2.0, 1.0]}   # an untrained network: every scale ties, 2.0 wins
+    checkpoint = save_model(tiny_model, tmp_path / "scaled.safetensors")
+    base = ["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]), "--model", str(checkpoint)]
+    scales = {}
+    for name, extra in (("search", []), ("plain", ["--no-scale-search"])):
+        assert main(base + ["--out", str(tmp_path / name), *extra]) == 0
+        scales[name] = json.loads((tmp_path / name / "qc.json").read_text(encoding="utf-8"))["velocity_scale"]
+    assert scales == {"search": 2.0, "plain": 1.0}

@@ -50,3 +50,20 @@ def test_zero_passes_is_refused_by_name(phantom_pair, tiny_model):
     moving, fixed = phantom_pair
     with pytest.raises(ValueError, match="network_passes 0"):
         register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu", network_passes=0)
+
+
+def test_scale_search_shortens_a_network_that_overshoots(phantom_pair, tiny_model):
+    """A network answering twice the true shift (fixed is the phantom moved by (2, -1, 1.5) mm): the scale
+    search among the card's scales picks 0.5 and the run lands on the true shift; off, the run keeps the
+    overshoot; asked for without scales in the card, it is refused by name."""
+    moving, fixed = phantom_pair
+    truth_mm = np.array([2.0, -1.0, 1.5])
+    _constant_velocity(tiny_model, tuple(2 * truth_mm[::-1] / 2.5))   # working voxels of 2.5 mm, z y x
+    with pytest.raises(ValueError, match="lists no `inference.scales`"):
+        register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu", scale_search=True)
+    tiny_model.card["inference"] = {"scales": [0.25, 0.5, 1.0]}
+    searched = register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu")
+    plain = register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu", scale_search=False)
+    assert searched.qc["velocity_scale"] == 0.5 and plain.qc["velocity_scale"] == 1.0
+    np.testing.assert_allclose(_median_displacement_mm(plain), 2 * truth_mm, atol=0.3)
+    np.testing.assert_allclose(_median_displacement_mm(searched), truth_mm, atol=0.3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -437,10 +438,40 @@ def test_synthetic_training_trains_the_inference_cascade(tmp_path):
     data = _phantom_sources_dir(tmp_path / "data")
     weights = {}
     for passes in (1, 2):
-        out = train_synth(_tiny_synth_config(train_passes=passes), data, tmp_path / f"p{passes}.safetensors")
+        config = _tiny_synth_config(train_passes=passes, weights={"flow": 0.25})
+        out = train_synth(config, data, tmp_path / f"p{passes}.safetensors")
         weights[passes] = load_model(out).network.state_dict()
-        assert len((tmp_path / f"p{passes}.log.csv").read_text().splitlines()) == 3   # header + 2 steps
+        log = (tmp_path / f"p{passes}.log.csv").read_text().splitlines()
+        assert len(log) == 3 and all('""flow""' in row for row in log[1:])   # header + 2 steps, each supervised
     changed = [k for k in weights[1] if "registration" in k and not torch.equal(weights[1][k], weights[2][k])]
     assert changed
     with pytest.raises(ValueError, match="train_passes 0"):
         train_synth(_tiny_synth_config(train_passes=0), data, tmp_path / "p0.safetensors")
+    with pytest.raises(ValueError, match="flow_pairs 'some'"):
+        train_synth(_tiny_synth_config(flow_pairs="some"), data, tmp_path / "pf.safetensors")
+
+
+def test_flow_term_measures_the_true_mapping_error_in_mm():
+    """The supervised flow term is 0 for the generator's true mapping and the shift's length in mm for
+    none: the moving subject sits 3 mm (along x) further in its source than the fixed one."""
+    from types import SimpleNamespace
+    import torch.nn.functional as F
+    from JointRegSegLib.training.synth_train import flow_error_mm
+    shape = (20, 24, 16)                                         # z, y, x; source spacing 2 mm
+    identity = F.affine_grid(torch.eye(3, 4)[None], [1, 1, *shape], align_corners=False)
+    shift = torch.tensor([3.0 / (shape[2] * 2.0 / 2), 0.0, 0.0])  # 3 mm along x, normalised
+    generation = torch.zeros((1, 1, *shape), dtype=torch.long)
+    generation[:, :, 4:16, 6:18, 4:12] = 1
+    fixed = SimpleNamespace(grid=identity, generation=generation)
+    moving = SimpleNamespace(grid=identity + shift)
+    theta = torch.eye(3, 4)[None]
+    half = [n // 2 for n in shape]
+    none = torch.zeros((1, 3, *half))
+    assert float(flow_error_mm(fixed, moving, theta, none, 2, 2.0)) == pytest.approx(3.0, abs=1e-4)
+    # the right answer: sample the moving image 3 mm (1.5 voxels of 2 mm, 0.75 of the 4 mm half grid) back
+    truth = none.clone()
+    truth[:, 2] = -0.75
+    assert float(flow_error_mm(fixed, moving, theta, truth, 2, 2.0)) == pytest.approx(0.0, abs=1e-4)
+    wrong = none.clone()
+    wrong[:, 2] = 0.75
+    assert float(flow_error_mm(fixed, moving, theta, wrong, 2, 2.0)) == pytest.approx(6.0, abs=1e-4)

@@ -1,5 +1,6 @@
-"""Generalisation benchmark: the default model on anatomy held out of its training, network only and
-refined, against ANTs SyN (antspyx defaults) and the affine steps alone, in one run.
+"""Generalisation benchmark: the default model on anatomy held out of its training, network only, as run
+by default (the network's velocity scaled by the factor among the card's `inference.scales` that aligns the
+images best) and refined, against ANTs SyN (antspyx defaults) and the affine steps alone, in one run.
 
     python benchmarks/heldout.py --model M.safetensors [--baseline-model OLD.safetensors] [--threads 2]
                                  [--synthetic 2] [--refine 50] [--peers ants-syn] [--out benchmarks/heldout]
@@ -129,7 +130,10 @@ def main(argv=None) -> int:
     methods = [Identity(), AffineOnly(),
                JointRegSegMethod(args.model, 0, "cpu", name="torch affine only", segment=False,
                                  affine_method="torch", segmentation_mode="network"),
-               JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg (network only)", segmentation_mode="fusion"),
+               JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg (default: network + velocity scale)",
+                                 segmentation_mode="fusion"),
+               JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg (network only)", segmentation_mode="fusion",
+                                 scale_search=False),
                JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg, one network pass", segment=False,
                                  network_passes=1),
                JointRegSegMethod(args.model, 0, "cpu", name="JointRegSeg seg=network", segmentation_mode="network"),

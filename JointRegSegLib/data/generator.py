@@ -85,6 +85,24 @@ def sampling_grid(theta: torch.Tensor, ddf_voxels: torch.Tensor) -> torch.Tensor
     return (moved @ theta[0, :, :3].t().to(moved) + theta[0, :, 3].to(moved))[None]
 
 
+def mapping_error_mm(grid: torch.Tensor, fixed_grid: torch.Tensor, moving_grid: torch.Tensor,
+                     spacing_mm: float) -> torch.Tensor:
+    """Per fixed voxel, how far (mm, in the source) a returned mapping lands from the true one.
+
+    `grid` (1, z, y, x, 3): where the pipeline samples the moving image for each fixed voxel (normalised
+    moving coordinates, any resolution); `fixed_grid` (same shape): the fixed subject's own source grid
+    there (`Synthetic.grid`, average-pooled to that resolution); `moving_grid` (1, Z, Y, X, 3): the moving
+    subject's source grid at full size. The true mapping takes a fixed voxel to the moving point that came
+    from the same source point, so the error is |moving_grid(grid(x)) - fixed_grid(x)|. Differentiable in
+    `grid` (the synthetic training's supervised flow term)."""
+    source_points = F.grid_sample(moving_grid.permute(0, 4, 1, 2, 3), grid, mode="bilinear",
+                                  padding_mode="border", align_corners=False).permute(0, 2, 3, 4, 1)
+    # normalised source coordinates -> mm: half the source's extent along x, y, z
+    half_extent = torch.tensor([n * spacing_mm / 2 for n in moving_grid.shape[1:4][::-1]], dtype=grid.dtype,
+                               device=grid.device)
+    return ((source_points - fixed_grid) * half_extent).norm(dim=-1)[0]
+
+
 def warp(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     return F.grid_sample(volume, grid, mode=mode, padding_mode="zeros", align_corners=False)
 

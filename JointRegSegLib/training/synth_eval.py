@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..affine_torch import card_theta, warp_with_theta
 from ..networks import cascade_velocity
 from ..data import atlas_sources
-from ..data.generator import BrainSynthesizer, SynthesisSettings
+from ..data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid
 from ..intensity import normalize
 from ..qc import dice_per_label
 
@@ -63,13 +63,11 @@ def heldout_synthetic_metrics(model, pairs: int = 6, seed: int = 1234, source=No
         warped_target = net.warp_nearest(target_aligned, ddf).long()
         predicted = net.segment(fixed_image).argmax(1, keepdim=True)
         # end-point error: where the pipeline sends each fixed voxel vs where the generator took it from
-        from ..data.generator import sampling_grid
-        identity = torch.zeros_like(ddf)
-        affine_only = sampling_grid(theta, identity)
-        full = sampling_grid(theta, ddf)
-        half_extent = torch.tensor([n * s / 2 for n, s in zip(fixed_image.shape[2:][::-1], [2.0, 2.0, 2.0])])
         brain = fixed.generation[0, 0] > 0
-        epe = lambda g: float(((g - fixed.grid)[0] * half_extent).norm(dim=-1)[brain].mean())
+        epe = lambda u: float(mapping_error_mm(sampling_grid(theta, u), fixed.grid, moving.grid,
+                                               synthesizer.settings.spacing_mm)[brain].mean())
+        affine_only = torch.zeros_like(ddf)
+        full = ddf
         rows.append({
             "dice_affine": _mean_dice(target_aligned.long(), fixed.target, table),
             "dice_network": _mean_dice(warped_target, fixed.target, table),
