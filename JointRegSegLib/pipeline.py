@@ -19,7 +19,7 @@ from .device import resolve_device, run_with_cpu_fallback
 from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
                        jacobian_determinant_of_transform, resample, resample_in_slabs, to_tensor, total_transform,
                        voxel_ddf_to_mm, working_grid)
-from .errors import InputImageError
+from .errors import CheckpointError, InputImageError
 from .imageio import label_image_like, validate_volume
 from .intensity import normalize
 from .networks import cascade_velocity
@@ -194,7 +194,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     network_passes = int(network_passes)
     if network_passes < 1:
         raise ValueError(f"network_passes {network_passes}: must be at least 1")
-    scales = [float(s) for s in card.get("inference", {}).get("scales", [])]
+    scales = card.get("inference", {}).get("scales", [])
+    if not isinstance(scales, list) or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise CheckpointError(f"model card: inference.scales {scales!r} must be a list of positive numbers")
     if scale_search is None:
         scale_search = bool(scales)
     if scale_search and not scales:

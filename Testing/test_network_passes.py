@@ -4,6 +4,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from JointRegSegLib.errors import CheckpointError
 from JointRegSegLib.pipeline import register_and_segment
 
 
@@ -65,5 +66,8 @@ def test_scale_search_shortens_a_network_that_overshoots(phantom_pair, tiny_mode
     searched = register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu")
     plain = register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu", scale_search=False)
     assert searched.qc["velocity_scale"] == 0.5 and plain.qc["velocity_scale"] == 1.0
+    tiny_model.card["inference"] = {"scales": ["half"]}
+    with pytest.raises(CheckpointError, match="inference.scales"):
+        register_and_segment(moving, fixed, tiny_model, affine=False, device="cpu")
     np.testing.assert_allclose(_median_displacement_mm(plain), 2 * truth_mm, atol=0.3)
     np.testing.assert_allclose(_median_displacement_mm(searched), truth_mm, atol=0.3)

@@ -16,7 +16,8 @@ import numpy as np
 
 PANELS = (("dice", "registration: label Dice loss (generation labels)"),
           ("segmentation", "segmentation: Dice + CE"),
-          ("image", "registration: LNCC (same-contrast pairs)"))
+          ("image", "registration: LNCC (same-contrast pairs)"),
+          ("flow", "registration: end-point error, mm (supervised flow)"))
 
 
 def read_log(path: str) -> list[tuple[int, dict]]:
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(15.5, 4.2))
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.2))
     offset = 0
     for index, item in enumerate(args.log):
         name, path = item.split("=", 1)
