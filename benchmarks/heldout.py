@@ -109,10 +109,70 @@ def build_pairs(folder: Path, n_synthetic: int, seed: int = 21) -> Path:
     return csv_path
 
 
+def _kind(pair: str) -> str:
+    return "synthetic" if pair.startswith("synthetic") else "real"
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]   # NaN: not scored
+    return float(np.mean(values)) if values else float("nan")
+
+
+def by_kind_markdown(rows: list[dict]) -> str:
+    """Registration Dice split by pair kind, and the segmentation of Colin27 in the real pairs."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    real_pairs = list(dict.fromkeys(r["pair"] for r in rows if _kind(r["pair"]) == "real"))
+    lines = ["\n## By pair kind\n", "| method | real pairs: reg. Dice | synthetic: reg. Dice | segmentation Dice, "
+             "fixed = Colin27, real pairs | " + " | ".join(real_pairs) + " |",
+             "|---|---|---|---|" + "---|" * len(real_pairs)]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        dice = {r["pair"]: r["registration_dice"] for r in mine}
+        segmentation = _mean([r["segmentation_dice"] for r in mine if _kind(r["pair"]) == "real"
+                              and r["pair"].endswith("to_colin27") and r["segmentation_dice"] is not None])
+        lines.append(f"| {method} | {_mean([dice[p] for p in real_pairs]):.3f} | "
+                     f"{_mean([d for p, d in dice.items() if _kind(p) == 'synthetic']):.3f} | "
+                     + ("–" if segmentation != segmentation else f"{segmentation:.3f}") + " | "
+                     + " | ".join(f"{dice[p]:.3f}" for p in real_pairs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """Mean ± sd over training seeds: --model and every --seed-model, network only and default."""
+    seeds = sorted({r["method"].split(":")[0] for r in rows if r["method"].startswith("other training seed")})
+    if not seeds:
+        return ""
+    lines = ["\n## Over training seeds (--model and each --seed-model)\n",
+             "| | real pairs: reg. Dice | synthetic: reg. Dice | segmentation Dice, fixed = Colin27, real pairs |",
+             "|---|---|---|---|"]
+    for label, own, other in (("network only", "JointRegSeg (network only)", "network only"),
+                              ("default (network + velocity scale)", "JointRegSeg (default: network + velocity "
+                               "scale)", "default")):
+        names = [own] + [f"{seed}: {other}" for seed in seeds]
+        cells = []
+        for kind in ("real", "synthetic", "segmentation"):
+            per_seed = []
+            for name in names:
+                mine = [r for r in rows if r["method"] == name]
+                if kind == "segmentation":
+                    per_seed.append(_mean([r["segmentation_dice"] for r in mine if _kind(r["pair"]) == "real"
+                                           and r["pair"].endswith("to_colin27") and r["segmentation_dice"] is not None]))
+                else:
+                    per_seed.append(_mean([r["registration_dice"] for r in mine if _kind(r["pair"]) == kind]))
+            per_seed = [v for v in per_seed if v == v]
+            cells.append(f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f} (n = {len(per_seed)}: "
+                         + ", ".join(f"{v:.3f}" for v in per_seed) + ")" if len(per_seed) > 1 else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--baseline-model", default=None, help="an earlier model, registration only")
+    parser.add_argument("--seed-model", action="append", default=[], metavar="PATH",
+                        help="the same recipe as --model trained with another seed (repeatable): its rows give "
+                             "the spread over training seeds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic", type=int, default=2)
     parser.add_argument("--refine", type=int, default=50)
@@ -147,6 +207,10 @@ def main(argv=None) -> int:
     if args.baseline_model:
         methods.append(JointRegSegMethod(args.baseline_model, 0, "cpu", name="previous default model",
                                          segment=False))
+    for index, path in enumerate(args.seed_model, start=1):
+        methods += [JointRegSegMethod(path, 0, "cpu", name=f"other training seed {index}: network only",
+                                      segmentation_mode="fusion", scale_search=False),
+                    JointRegSegMethod(path, 0, "cpu", name=f"other training seed {index}: default", segment=False)]
     for peer in [p for p in args.peers.split(",") if p]:
         methods.append(ExternalMethod(peer, [sys.executable, str(HERE / "peers.py"), peer]))
     rows = evaluate(pairs, methods, LABEL_TABLE, progress=stderr_progress)
@@ -159,7 +223,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = write_evaluation(rows, LABEL_TABLE, Path(args.work) / "evaluation", reference="ants-syn", header=header)
-    text = Path(written["summary"]).read_text(encoding="utf-8")
+    text = Path(written["summary"]).read_text(encoding="utf-8") + by_kind_markdown(rows) + seeds_markdown(rows)
     (out / "RESULTS.md").write_text(text, encoding="utf-8")
     for name in ("dice_per_structure.png", "time_vs_dice.png", "results.csv"):
         shutil.copy(Path(args.work) / "evaluation" / name, out / name)
