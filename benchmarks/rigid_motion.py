@@ -7,8 +7,9 @@ The fixed image is Colin27 (Debian mricron-data, ch2bet; held out of the default
 axis, 5 mm along a random direction) on its own oblique, anisotropic grid (1.5 x 1.5 x 2.5 mm), so the
 only right answer is that rigid motion. For every brain voxel of the fixed image we measure how far (mm)
 the returned fixed -> moving mapping lands from the true one: for the affine step alone (the run's own
-pre-alignment, `Result.affine`) and for the whole default run (affine + network). Network only, no
-refinement.
+pre-alignment, `Result.affine`), for the whole default run (affine + network, its velocity scaled by the
+factor among the card's `inference.scales` that aligns the images best) and for the network's velocity as
+it is (`scale_search=False`). No refinement.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Every time is the wall time of a whole process, start-up, reading and writing included, started from
 this script one after the other (never side by side), each with the same thread count:
-- `jointregseg run --moving M --fixed F --out D --threads T` (default options: network only), once per pair;
+- `jointregseg run --moving M --fixed F --out D --threads T` (default options: network + velocity scale, no refinement), once per pair;
 - `jointregseg batch --pairs P.csv --out D --threads T` over all pairs at once (model loaded once);
   per pair = the process's wall time / pairs;
 - ANTs SyN as a user of antspyx runs it (benchmarks/syn_user.py): read both images,
