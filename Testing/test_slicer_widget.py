@@ -322,6 +322,12 @@ def test_progress_words_are_for_users(module):
         assert describe(stage) == module.STAGE_WORDS[stage] and describe(stage)[0].isupper()
     assert describe("load model") == "Loading the model…"
     assert describe("something new") == "Something new…"
+    # every stage the engine reports has words written for users
+    import re
+    from pathlib import Path
+    import JointRegSegLib.pipeline as pipeline
+    stages = set(re.findall(r'reporter\.stage\("([^"]+)"\)', Path(pipeline.__file__).read_text(encoding="utf-8")))
+    assert "velocity scale" in stages and not stages - set(module.STAGE_WORDS)
 
 
 def test_finetuning_and_registration_do_not_share_controls(module, ctx, tiny_checkpoint):
