@@ -240,12 +240,14 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         with reporter.stage("network inference"), torch.no_grad():
             velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
             fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
+        ddf = None   # the scale search leaves the displacement of its choice: not integrated twice
         if scale_search:
             nonlocal velocity_scale
             with reporter.stage("velocity scale"):
-                velocity_scale, _ = choose_velocity_scale(network, velocity, moving_t, fixed_t, scales)
+                velocity_scale, ddf, _ = choose_velocity_scale(network, velocity, moving_t, fixed_t, scales)
             velocity = velocity_scale * velocity
         if refine_iterations > 0:
+            ddf = None
             with reporter.stage("test-time refinement") as stage:
                 velocity = refine_velocity(
                     network, velocity, moving_t, fixed_t, refine_iterations, similarity=similarity,
@@ -253,7 +255,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                     label_guidance=None if guide is None else tuple(g.to(dev) for g in guide),
                     on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
         with torch.no_grad():
-            ddf = network.displacement(velocity, fixed_t.shape[2:])
+            if ddf is None:
+                ddf = network.displacement(velocity, fixed_t.shape[2:])
             fixed_probs, moving_probs = joint_probabilities(
                 network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], segmentation_mode,
                 seg_card.get("largest_component", True), ddf=ddf)

@@ -53,15 +53,20 @@ def refine_velocity(network, velocity_low: torch.Tensor, moving: torch.Tensor, f
 
 
 def choose_velocity_scale(network, velocity_low: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
-                          scales, kernel_size: int = 5) -> tuple[float, list[float]]:
+                          scales, kernel_size: int = 5) -> tuple[float, torch.Tensor, list[float]]:
     """The scale s among `scales` whose flow exp(s * v) best aligns the pair (LNCC at the working
-    resolution); returns (s, the LNCC loss of every candidate). One scalar per pair, no gradient: the
+    resolution); returns (s, its full-resolution displacement, the LNCC loss of every candidate). One
+    scalar per pair, no gradient: the
     network's direction is kept and only its length is chosen. Measured on held-out pairs: the network
     overshoots a pure rigid motion (the residual after the affine is nil, the best scale about 0.5) and
     undershoots real cross-template pairs (about 1.25)."""
     similarity_fn = similarity_loss("lncc", kernel_size)
     shape = fixed.shape[2:]
+    losses, best, best_ddf = [], None, None
     with torch.no_grad():
-        losses = [float(similarity_fn(network.warp(moving, network.displacement(float(s) * velocity_low, shape)),
-                                      fixed)) for s in scales]
-    return float(scales[min(range(len(losses)), key=losses.__getitem__)]), losses
+        for s in scales:
+            ddf = network.displacement(float(s) * velocity_low, shape)
+            losses.append(float(similarity_fn(network.warp(moving, ddf), fixed)))
+            if best is None or losses[-1] < losses[best]:
+                best, best_ddf = len(losses) - 1, ddf
+    return float(scales[best]), best_ddf, losses

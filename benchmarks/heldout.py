@@ -118,6 +118,15 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _score(rows: list[dict], kind: str) -> float:
+    """One method's rows: mean registration Dice over the 'real' or 'synthetic' pairs, or ('segmentation')
+    the mean segmentation Dice of Colin27 as the fixed image of the real pairs (NaN when not scored)."""
+    if kind == "segmentation":
+        return _mean([r["segmentation_dice"] for r in rows if _kind(r["pair"]) == "real"
+                      and r["pair"].endswith("to_colin27") and r["segmentation_dice"] is not None])
+    return _mean([r["registration_dice"] for r in rows if _kind(r["pair"]) == kind])
+
+
 def by_kind_markdown(rows: list[dict]) -> str:
     """Registration Dice split by pair kind, and the segmentation of Colin27 in the real pairs."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -128,10 +137,8 @@ def by_kind_markdown(rows: list[dict]) -> str:
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         dice = {r["pair"]: r["registration_dice"] for r in mine}
-        segmentation = _mean([r["segmentation_dice"] for r in mine if _kind(r["pair"]) == "real"
-                              and r["pair"].endswith("to_colin27") and r["segmentation_dice"] is not None])
-        lines.append(f"| {method} | {_mean([dice[p] for p in real_pairs]):.3f} | "
-                     f"{_mean([d for p, d in dice.items() if _kind(p) == 'synthetic']):.3f} | "
+        segmentation = _score(mine, "segmentation")
+        lines.append(f"| {method} | {_score(mine, 'real'):.3f} | {_score(mine, 'synthetic'):.3f} | "
                      + ("–" if segmentation != segmentation else f"{segmentation:.3f}") + " | "
                      + " | ".join(f"{dice[p]:.3f}" for p in real_pairs) + " |")
     return "\n".join(lines) + "\n"
@@ -151,14 +158,7 @@ def seeds_markdown(rows: list[dict]) -> str:
         names = [own] + [f"{seed}: {other}" for seed in seeds]
         cells = []
         for kind in ("real", "synthetic", "segmentation"):
-            per_seed = []
-            for name in names:
-                mine = [r for r in rows if r["method"] == name]
-                if kind == "segmentation":
-                    per_seed.append(_mean([r["segmentation_dice"] for r in mine if _kind(r["pair"]) == "real"
-                                           and r["pair"].endswith("to_colin27") and r["segmentation_dice"] is not None]))
-                else:
-                    per_seed.append(_mean([r["registration_dice"] for r in mine if _kind(r["pair"]) == kind]))
+            per_seed = [_score([r for r in rows if r["method"] == name], kind) for name in names]
             per_seed = [v for v in per_seed if v == v]
             cells.append(f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f} (n = {len(per_seed)}: "
                          + ", ".join(f"{v:.3f}" for v in per_seed) + ")" if len(per_seed) > 1 else "–")
