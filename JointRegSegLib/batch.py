@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import JointRegSegError
+from .threads import ENV_VAR as THREADS_ENV
 
 SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "folding_percent", "jacobian_min",
@@ -34,6 +35,8 @@ REPORT_FILES = ("report.md", "qc_overview.png")  # what --report adds to a pair'
 _TRUE, _FALSE = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off"}
 # ranks wait for each other only at the very end; a slow shard may take days
 _GROUP_TIMEOUT_S = 7 * 24 * 3600
+# how long other programs' CPU load is measured before the threads are chosen
+_PROBE_S = 0.3
 
 
 @dataclass
@@ -150,11 +153,12 @@ def pair_arguments(args: argparse.Namespace, pair: Pair, out_dir: Path) -> argpa
     return argparse.Namespace(**values)
 
 
-def signature(pair_args: argparse.Namespace, model) -> dict:
-    """What a pair's outputs depend on; kept in its qc.json so a later call knows whether they are current."""
+def signature(pair_args: argparse.Namespace, card: dict) -> dict:
+    """What a pair's outputs depend on (`card`: the model's card); kept in its qc.json so a later call knows
+    whether they are current."""
     return {"moving": pair_args.moving, "fixed": pair_args.fixed, "moving_labels": pair_args.guide_moving_labels,
             "fixed_labels": pair_args.guide_fixed_labels, "model": str(Path(pair_args.model).resolve()),
-            "model_weights_sha256": model.card.get("weights_sha256"), "refine": int(pair_args.refine),
+            "model_weights_sha256": card.get("weights_sha256"), "refine": int(pair_args.refine),
             "similarity": pair_args.similarity, "no_affine": bool(pair_args.no_affine),
             "affine_method": pair_args.affine_method, "no_scale_search": bool(pair_args.no_scale_search),
             "report": bool(pair_args.report)}
@@ -198,6 +202,42 @@ def _error_text(err: BaseException) -> str:
     if isinstance(err, JointRegSegError):
         return " ".join(str(err).split())
     return f"{type(err).__name__}: {' '.join(str(err).split()) or 'no message'}"
+
+
+def run_pair(pair_args: argparse.Namespace, wanted: dict, state: str, model, read, progress) -> dict:
+    """Register and segment one pair and write its outputs; returns the summary row's new fields (status
+    "done" or "failed", error, seconds, QC numbers, and "traceback" for an unexpected error). `read()`
+    returns (moving, fixed, guide labels). A failure of this pair is returned, not raised; an interrupt is."""
+    from .cli import check_overlap, check_run_resources, run_and_write
+    began = time.perf_counter()
+    result = None
+    try:
+        if state == "other" and not pair_args.overwrite:
+            raise JointRegSegError(f"{pair_args.out} holds outputs of other inputs or options (or other "
+                                   "files); pass --overwrite to replace them")
+        check_run_resources(pair_args)
+        moving, fixed, guide = read()
+        if pair_args.no_affine:
+            check_overlap(moving, fixed)
+        result, _written = run_and_write(pair_args, moving, fixed, guide, model=model, progress=progress,
+                                         extra_qc={"batch": wanted})
+    except Exception as err:  # noqa: BLE001  one pair's failure must not stop the cohort
+        failed = {"status": "failed", "error": _error_text(err), "seconds": round(time.perf_counter() - began, 2)}
+        if not isinstance(err, JointRegSegError):
+            failed["traceback"] = "".join(traceback.format_exception(err)).rstrip()
+        return failed
+    return {"status": "done", "seconds": round(time.perf_counter() - began, 2), **_qc_fields(result.qc)}
+
+
+def report_pair(name: str, row: dict, write) -> None:
+    """One line per finished pair (and the traceback of an unexpected error) through `write`."""
+    if row["status"] == "failed":
+        write(f"{name}: FAILED: {row['error']}")
+        if row.get("traceback"):
+            write(row["traceback"])
+    elif row["status"] == "done":
+        write(f"{name}: done in {row['seconds']:.1f} s, folding {row['folding_percent']}%, "
+              f"det J [{row['jacobian_min']}, {row['jacobian_max']}]")
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -270,6 +310,61 @@ def _merge_after_barrier(out: Path, rank: int, world: int, order: dict[str, int]
             dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------- processes, threads
+
+def _gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing torch (the parent of the workers never does)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) -> dict:
+    """{"workers", "threads", "why"}: worker processes for this batch (or rank) and intra-op threads each.
+
+    `requested`: "auto" or a number; `threads`: threads.choose_threads' choice (with --threads it is the
+    threads of each worker, else this process's whole share of the free cores). Automatic: on the CPU
+    one worker per free core (capped by the pairs to do and by the memory the largest pair needs), the
+    cores split between them: small networks use a core each better than several cores together
+    (measured on 2 cores: 2 workers x 1 thread 1.45 s per pair, 1 x 2 threads 2.3 s); on a GPU one.
+    """
+    from .imageio import available_memory_bytes
+    explicit_threads = threads["source"] != "auto"
+    budget = threads["threads"] if not explicit_threads else max(1, threads["cores"] // threads["workers"])
+    if requested != "auto":
+        workers = int(requested)
+        why = "--workers"
+    elif device.startswith("cuda") or (device == "auto" and _gpu_present()):
+        workers, why = 1, "auto: one process per GPU"
+    else:
+        workers = budget // threads["threads"] if explicit_threads else budget
+        why = f"auto: {threads['cores']} cores, {threads['busy_cores']:g} busy with other work"
+        if threads["workers"] > 1:
+            why += f", shared by {threads['workers']} ranks"
+        available = available_memory_bytes()
+        needed = max((n for n in map(lambda job: _memory_or_none(job[1], card), todo[:32]) if n), default=None)
+        if available and needed and available // needed < workers:
+            workers = int(available // needed)
+            why += f", {available / 1024 ** 3:.1f} GB free for {needed / 1024 ** 3:.1f} GB per pair"
+    workers = max(1, min(workers, len(todo)))
+    each = threads["threads"] if explicit_threads else max(1, budget // workers)
+    return {"workers": workers, "threads": each, "why": why, "thread_source": threads["source"]}
+
+
+def _memory_or_none(pair_args, card):
+    from .cli import run_memory_bytes
+    try:
+        return run_memory_bytes(pair_args, card)
+    except JointRegSegError:
+        return None  # an unreadable header fails its own pair later, with its message
+
+
+def describe_plan(plan: dict) -> str:
+    text = (f"{plan['workers']} worker process{'es' if plan['workers'] != 1 else ''} x {plan['threads']} "
+            f"thread{'s' if plan['threads'] != 1 else ''} ({plan['why']}")
+    if plan["thread_source"] != "auto":
+        text += f"; threads from {plan['thread_source']}"
+    return text + ")"
+
+
 # --------------------------------------------------------------------------------------------------- command
 
 def _progress_bar(total: int, initial: int, rank: int, world: int):
@@ -279,9 +374,9 @@ def _progress_bar(total: int, initial: int, rank: int, world: int):
 
 
 def _cmd_batch(args) -> int:
-    from . import import_monai_lean
-    from .cli import check_overlap, check_run_resources, read_run_inputs, run_and_write, validate_run_options
-    from .threads import configure_threads, describe
+    from .card import read_card
+    from .cli import validate_run_options
+    from .threads import LoadProbe, choose_threads
 
     rank, world, local_rank = ranks()
     pairs = read_pairs(args.pairs, args.row_options)
@@ -295,24 +390,16 @@ def _cmd_batch(args) -> int:
         raise JointRegSegError(f"--out {out} is a file, not a folder; choose a folder")
     order = {pair.name: i for i, pair in enumerate(pairs)}
     shard = pairs[rank::world] if world > 1 else pairs
-
-    choice = configure_threads(args.threads, warmup=import_monai_lean)  # before anything imports MONAI
-    from tqdm import tqdm
-
-    from .checkpoint import load_model
-    from .device import resolve_device
-    args.device = rank_device(args.device, local_rank, world)
-    model = load_model(args.model, resolve_device(args.device), trust_unsigned=getattr(args, "trust_unsigned", False))
-    out.mkdir(parents=True, exist_ok=True)
-    who = f"rank {rank}/{world}: " if world > 1 else ""
-    print(f"{who}{len(shard)} of {len(pairs)} pairs, model {model.card.get('name', args.model)}, "
-          f"device {args.device}, {describe(choice)}", file=sys.stderr, flush=True)
+    card = read_card(args.model)   # the card alone: the weights are loaded where the pairs are computed
+    # other programs' CPU load, measured while the pairs are looked at, decides the processes and threads
+    probe = LoadProbe().start() if args.threads is None and not os.environ.get(THREADS_ENV, "").strip() else None
+    probe_started = time.monotonic()
 
     # what each pair needs and what is already there (complete pairs are not read again)
     rows, todo = {}, []
     for pair in shard:
         pair_args = pair_arguments(args, pair, out)
-        wanted = signature(pair_args, model)
+        wanted = signature(pair_args, card)
         state, qc = previous_outputs(Path(pair_args.out), wanted)
         rows[pair.name] = {"name": pair.name, "out": pair_args.out, "status": "pending", "error": "", "seconds": ""}
         if state == "complete":
@@ -321,6 +408,17 @@ def _cmd_batch(args) -> int:
         # our own unfinished outputs are replaced; outputs of other inputs or options only with --overwrite
         pair_args.overwrite = bool(getattr(args, "overwrite", False)) or state == "partial"
         todo.append((pair, pair_args, wanted, state))
+
+    busy = 0.0
+    if probe is not None:
+        time.sleep(max(0.0, _PROBE_S - (time.monotonic() - probe_started)))
+        busy = probe.stop()
+    plan = plan_workers(args.workers, choose_threads(args.threads, busy), todo, card, args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    print(f"{who}{len(shard)} of {len(pairs)} pairs ({len(todo)} to compute), model {card.get('name', args.model)}, "
+          f"device {args.device}, {describe_plan(plan)}", file=sys.stderr, flush=True)
+
     summary_path = _rank_summary_path(out, rank, world) if world > 1 else out / SUMMARY_NAME
 
     def save():
@@ -329,53 +427,35 @@ def _cmd_batch(args) -> int:
     save()
     failures = 0
     bar = _progress_bar(len(shard), len(shard) - len(todo), rank, world)
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jointregseg-prefetch")
+
+    def started(pair):
+        rows[pair.name]["status"] = "running"
+
+    def finished(pair, row_update):
+        nonlocal failures
+        failures += row_update["status"] == "failed"
+        rows[pair.name].update({k: v for k, v in row_update.items() if k != "traceback"})
+        report_pair(pair.name, row_update, lambda text: bar.write(text, file=sys.stderr))
+        save()
+        bar.update(1)
+
     try:
-        upcoming = reader.submit(read_run_inputs, todo[0][1]) if todo else None
-        for index, (pair, pair_args, wanted, state) in enumerate(todo):
-            inputs = upcoming
-            # start reading the next pair now: it overlaps with this pair's registration
-            upcoming = reader.submit(read_run_inputs, todo[index + 1][1]) if index + 1 < len(todo) else None
-            row = rows[pair.name]
-            stage_seen = [None]
+        if plan["workers"] > 1:
+            from .batch_workers import run_in_workers
 
-            def progress(stage, _fraction, name=pair.name):
-                if stage != stage_seen[0]:
-                    stage_seen[0] = stage
-                    bar.set_postfix_str(f"{name}: {stage}")
-
-            began = time.perf_counter()
-            bar.set_postfix_str(f"{pair.name}: reading")
-            try:
-                if state == "other" and not pair_args.overwrite:
-                    raise JointRegSegError(f"{pair_args.out} holds outputs of other inputs or options (or other "
-                                           "files); pass --overwrite to replace them")
-                check_run_resources(pair_args)
-                moving, fixed, guide = inputs.result()
-                if pair_args.no_affine:
-                    check_overlap(moving, fixed)
-                result, _written = run_and_write(pair_args, moving, fixed, guide, model=model, progress=progress,
-                                                 extra_qc={"batch": wanted})
-            except (KeyboardInterrupt, SystemExit):
-                row.update(status="cancelled", seconds=round(time.perf_counter() - began, 2))
-                raise
-            except Exception as err:  # noqa: BLE001  one pair's failure must not stop the cohort
-                failures += 1
-                row.update(status="failed", error=_error_text(err), seconds=round(time.perf_counter() - began, 2))
-                tqdm.write(f"{pair.name}: FAILED: {row['error']}", file=sys.stderr)
-                if not isinstance(err, JointRegSegError):
-                    tqdm.write("".join(traceback.format_exception(err)).rstrip(), file=sys.stderr)
-            else:
-                row.update(status="done", seconds=round(time.perf_counter() - began, 2), **_qc_fields(result.qc))
-                tqdm.write(f"{pair.name}: done in {row['seconds']:.1f} s, folding {row['folding_percent']}%, "
-                           f"det J [{row['jacobian_min']}, {row['jacobian_max']}]", file=sys.stderr)
-            finally:
-                moving = fixed = guide = result = None  # noqa: F841  free this pair before the next one
-                save()
-            bar.update(1)
+            def show_running():
+                bar.set_postfix_str(", ".join(name for name, row in rows.items() if row["status"] == "running"))
+            run_in_workers(todo, plan, args, (local_rank, world), lambda pair: (started(pair), show_running()),
+                           lambda pair, row: (finished(pair, row), show_running()))
+        else:
+            _run_here(todo, plan, args, local_rank, world, bar, started, finished)
+    except (KeyboardInterrupt, SystemExit):
+        for row in rows.values():
+            if row["status"] == "running":
+                row["status"] = "cancelled"
+        raise
     finally:
         bar.close()
-        reader.shutdown(wait=True, cancel_futures=True)
         save()
 
     if world > 1:
@@ -393,6 +473,55 @@ def _cmd_batch(args) -> int:
     return 0
 
 
+def _run_here(todo, plan, args, local_rank, world, bar, started, finished) -> None:
+    """The pairs one after the other in this process (one model load); a background thread reads the next
+    pair while the current one is computed."""
+    if not todo:
+        return
+    from . import import_monai_lean
+    from .cli import read_run_inputs
+    from .threads import apply_threads
+    import_monai_lean()
+    apply_threads(plan["threads"])
+    from .checkpoint import load_model
+    from .device import resolve_device
+    device = rank_device(args.device, local_rank, world)
+    model = load_model(args.model, resolve_device(device), trust_unsigned=getattr(args, "trust_unsigned", False))
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jointregseg-prefetch")
+    try:
+        upcoming = reader.submit(read_run_inputs, todo[0][1]) if todo else None
+        for index, (pair, pair_args, wanted, state) in enumerate(todo):
+            inputs = upcoming
+            # start reading the next pair now: it overlaps with this pair's registration
+            upcoming = reader.submit(read_run_inputs, todo[index + 1][1]) if index + 1 < len(todo) else None
+            stage_seen = [None]
+
+            def progress(stage, _fraction, name=pair.name):
+                if stage != stage_seen[0]:
+                    stage_seen[0] = stage
+                    bar.set_postfix_str(f"{name}: {stage}")
+
+            bar.set_postfix_str(f"{pair.name}: reading")
+            started(pair)
+            pair_args.device = device
+            finished(pair, run_pair(pair_args, wanted, state, model, inputs.result, progress))
+            inputs = None  # free this pair's images before the next one
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _workers(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be auto or a positive whole number, got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     """Add `batch` with every option of `run` except the per-pair paths (they come from the CSV)."""
     batch = sub.add_parser("batch", help="run a cohort of pairs from a CSV with one model load (resumable; "
@@ -406,6 +535,10 @@ def register(sub) -> None:
     batch.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<name>/, DIR/summary.csv")
     batch.add_argument("--allow-failures", action="store_true",
                        help="exit 0 even when some pairs failed (they are listed in summary.csv)")
+    batch.add_argument("--workers", default="auto", type=_workers, metavar="N|auto",
+                       help="processes computing pairs side by side, each loading the model once (default auto: "
+                            "on the CPU one per free core, the cores split between them; on a GPU one). "
+                            "--threads then sets the threads of each worker")
     run = sub.choices.get("run")
     if run is None:
         raise JointRegSegError("internal: `batch` is registered before `run`")

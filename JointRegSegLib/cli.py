@@ -108,24 +108,36 @@ def validate_run_options(args) -> None:
 
 def check_run_resources(args) -> None:
     """Before reading any voxel: the output folder is usable and the run fits in memory."""
-    from .card import read_card
-    from .imageio import check_memory, check_output_dir, estimate_run_memory_bytes, read_image_information
+    from .imageio import check_memory, check_output_dir
     check_output_dir(args.out, overwrite=bool(getattr(args, "overwrite", False)), known=_known_outputs())
+    needed = run_memory_bytes(args)
+    if needed is not None:
+        limit = None if args.max_memory is None else int(args.max_memory * 1024 ** 3)
+        from .imageio import read_image_information
+        size = read_image_information(args.fixed, "fixed")["size"]
+        check_memory(needed, limit, f"registering a {'x'.join(map(str, size))} fixed volume")
+
+
+def run_memory_bytes(args, card: dict | None = None) -> int | None:
+    """The estimated peak memory of `run` on args.moving / args.fixed, from the file headers (None when a
+    header cannot tell, e.g. a DICOM folder)."""
+    from .card import read_card
+    from .imageio import estimate_run_memory_bytes, read_image_information
     fixed = read_image_information(args.fixed, "fixed")
     moving = read_image_information(args.moving, "moving")
-    if fixed and moving:
+    if not (fixed and moving):
+        return None
+    if card is None:
         card = read_card(args.model) if not hasattr(args.model, "card") else args.model.card
-        working = 1
-        for n in card["working_grid"]["size"]:
-            working *= int(n)
-        classes = max(int(e["value"]) for e in card["labels"]) + 1
-        voxels = [1, 1]
-        for i, info in enumerate((fixed, moving)):
-            for n in info["size"][:3]:
-                voxels[i] *= int(n)
-        needed = estimate_run_memory_bytes(voxels[0], voxels[1], working, classes)
-        limit = None if args.max_memory is None else int(args.max_memory * 1024 ** 3)
-        check_memory(needed, limit, f"registering a {'x'.join(map(str, fixed['size']))} fixed volume")
+    working = 1
+    for n in card["working_grid"]["size"]:
+        working *= int(n)
+    classes = max(int(e["value"]) for e in card["labels"]) + 1
+    voxels = [1, 1]
+    for i, info in enumerate((fixed, moving)):
+        for n in info["size"][:3]:
+            voxels[i] *= int(n)
+    return estimate_run_memory_bytes(voxels[0], voxels[1], working, classes)
 
 
 def _known_outputs():

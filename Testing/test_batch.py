@@ -54,8 +54,8 @@ def test_batch_writes_run_outputs_and_resumes(cohort, capsys):
     pairs = write_csv([("one", "images/m.nrrd", "images/f.nii.gz", ""),
                        ("two", "images/f.nii.gz", "images/m.nrrd", "2")], header=("name", "moving", "fixed", "refine"))
     out = folder / "out"
-    assert _batch(pairs, out, model, "--threads", "1") == 0
-    assert torch.get_num_threads() == 1
+    assert _batch(pairs, out, model, "--threads", "1", "--workers", "1") == 0
+    assert torch.get_num_threads() == 1   # one worker: the pairs are computed in this process
     summary = _summary(out)
     assert [summary[n]["status"] for n in ("one", "two")] == ["done", "done"]
     for name in ("one", "two"):
@@ -129,6 +129,109 @@ def test_bad_pairs_file_is_named_before_any_work(cohort, capsys, header, rows, m
     assert "jointregseg: error:" in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def _pid_holding(path: Path) -> int | None:
+    """The process (not this one) with `path` open, from /proc."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        if int(fd_dir.parent.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(link) == str(path) for link in fd_dir.iterdir()):
+                return int(fd_dir.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir() or not hasattr(os, "mkfifo"), reason="needs /proc and FIFOs")
+def test_batch_workers_match_one_process_and_a_killed_worker_fails_only_its_pair(cohort):
+    """Two worker processes give the outputs of one process; a worker killed while it reads a pair (a hung
+    file: a FIFO nobody writes) fails that pair only, a new worker takes the rest; a rerun resumes."""
+    import signal
+    import threading
+    import time
+    folder, write_csv, model = cohort
+    stuck = folder / "images" / "stuck.nii.gz"
+    os.mkfifo(stuck)
+    killed = []
+
+    def kill_the_reader():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:   # succeeds once a worker opens the FIFO to read it
+                fd = os.open(stuck, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            return
+        try:
+            while (pid := _pid_holding(stuck)) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        finally:
+            os.close(fd)
+
+    rows = [("a", "images/m.nrrd", "images/f.nii.gz"), ("stuck", "images/stuck.nii.gz", "images/f.nii.gz"),
+            ("b", "images/f.nii.gz", "images/m.nrrd"), ("c", "images/m.nrrd", "images/f.nii.gz")]
+    pairs = write_csv(rows)
+    killer = threading.Thread(target=kill_the_reader, daemon=True)
+    killer.start()
+    out = folder / "out"
+    assert _batch(pairs, out, model, "--workers", "2", "--threads", "1") == 1
+    killer.join(timeout=5)
+    assert killed, "no worker opened the stuck file"
+    summary = _summary(out)
+    assert list(summary) == ["a", "stuck", "b", "c"]
+    assert [summary[n]["status"] for n in ("a", "b", "c")] == ["done"] * 3
+    assert summary["stuck"]["status"] == "failed" and "worker process computing this pair died" in \
+        summary["stuck"]["error"]
+    assert not (out / "stuck").exists()
+
+    single = folder / "single"
+    assert _batch(write_csv([rows[0], rows[2]]), single, model, "--workers", "1", "--threads", "1") == 0
+    for name in ("a", "b"):
+        for file in ("displacement_field.nii.gz", "fixed_segmentation.nii.gz", "warped_moving.nii.gz"):
+            two = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name / file)))
+            one = sitk.GetArrayFromImage(sitk.ReadImage(str(single / name / file)))
+            assert np.array_equal(two, one), (name, file)
+
+    stuck.unlink()   # the file is back: the rerun computes only that pair
+    stuck.write_bytes((folder / "images" / "f.nii.gz").read_bytes())
+    stamp = (out / "a" / "qc.json").stat().st_mtime_ns
+    assert _batch(write_csv(rows), out, model, "--workers", "2", "--threads", "1") == 0
+    summary = _summary(out)
+    assert summary["stuck"]["status"] == "done" and summary["a"]["status"] == "skipped"
+    assert (out / "a" / "qc.json").stat().st_mtime_ns == stamp
+
+
+def test_batch_plans_workers_from_free_cores_memory_and_device(cohort, monkeypatch):
+    from JointRegSegLib import batch, imageio
+    from JointRegSegLib.card import read_card
+    folder, write_csv, model = cohort
+    card = read_card(model)
+    job = (None, batch.argparse.Namespace(moving=str(folder / "images" / "m.nrrd"),
+                                          fixed=str(folder / "images" / "f.nii.gz"), model=str(model)), {}, "missing")
+    cores = lambda n, busy=0.0: {"threads": n, "source": "auto", "cores": n, "busy_cores": busy, "workers": 1}  # noqa: E731
+    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 64 * 1024 ** 3)
+    monkeypatch.setattr(batch, "_gpu_present", lambda: False)
+    plan = batch.plan_workers("auto", cores(2), [job] * 6, card, "auto")
+    assert (plan["workers"], plan["threads"]) == (2, 1)          # a core each
+    plan = batch.plan_workers("auto", cores(8), [job] * 3, card, "cpu")
+    assert (plan["workers"], plan["threads"]) == (3, 2)          # no more workers than pairs; cores split
+    explicit = {**cores(2), "source": "--threads", "threads": 2}
+    assert batch.plan_workers("auto", explicit, [job] * 6, card, "cpu")["workers"] == 1   # 2 threads fill 2 cores
+    assert batch.plan_workers("auto", cores(8), [job] * 6, card, "cuda")["workers"] == 1  # one process per GPU
+    assert batch.plan_workers(4, cores(8), [job] * 6, card, "cpu")["threads"] == 2
+    needed = batch._memory_or_none(job[1], card)
+    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: int(needed * 2.5))
+    plan = batch.plan_workers("auto", cores(8), [job] * 6, card, "cpu")
+    assert (plan["workers"], plan["threads"]) == (2, 4) and "GB free" in batch.describe_plan(plan)
+    with pytest.raises(SystemExit):
+        main(["batch", "--pairs", "p.csv", "--out", "o", "--workers", "0"])
 
 
 @pytest.mark.slow
