@@ -25,7 +25,7 @@ def __getattr__(name):
 # Packages MONAI's package __init__ imports eagerly (it loads every MONAI submodule) only for features a
 # registration run never uses: plotting, CSV/pathology datasets, scipy/scikit-image/OpenCV transforms and
 # metrics. They are over half of MONAI's import time.
-MONAI_EXTRAS = ("matplotlib", "pandas", "scipy", "sklearn", "skimage", "PIL", "nibabel", "cv2")
+MONAI_EXTRAS = ("matplotlib", "pandas", "scipy", "sklearn", "skimage", "PIL", "nibabel", "cv2", "requests", "itk")
 
 
 def import_monai_lean() -> None:

@@ -5,8 +5,8 @@ brain rim."""
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 MODES = ("network", "propagation", "fusion")
 
@@ -46,23 +46,32 @@ def segment_probabilities(network, image: torch.Tensor, permutation: list[int] |
 
 
 def _largest_components(probabilities: torch.Tensor) -> torch.Tensor:
-    """Zero each class's probability outside the 1-voxel dilation of its largest connected component.
+    """Zero each class's probability outside the 1-voxel dilation (face neighbours) of its largest connected
+    component (face connectivity; among equally large ones the first in raster order).
 
-    Works inside each class's bounding box (ndimage.find_objects): the same result as on the whole grid
-    (a component and its dilation cannot leave the box grown by one voxel) at a fraction of the cost."""
+    Works inside each class's bounding box: the same result as on the whole grid (a component and its
+    dilation cannot leave the box grown by one voxel) at a fraction of the cost. SimpleITK, not
+    scipy.ndimage: the same components, and a cold run does not pay scipy's import (0.08-0.18 s)."""
     # max(0).indices: the same first-maximum index as argmax(0), ten times faster across channels on CPU
     labels = probabilities[0].max(0).indices.to(torch.uint8).cpu().numpy()
     out = probabilities.clone()
-    for index, box in enumerate(ndimage.find_objects(labels)):
-        if box is None:
-            continue
-        value = index + 1
-        grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, labels.shape))
-        pieces, count = ndimage.label(labels[grown] == value)
-        if count > 1:
-            sizes = np.bincount(pieces.ravel())[1:]
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.ComputePerimeterOff()
+    shapes.ComputeFeretDiameterOff()
+    shapes.ComputeOrientedBoundingBoxOff()
+    shapes.Execute(sitk.GetImageFromArray(labels))
+    for value in shapes.GetLabels():
+        box = shapes.GetBoundingBox(value)   # x, y, z start then x, y, z size
+        grown = tuple(slice(max(box[axis] - 1, 0), min(box[axis] + box[axis + 3] + 1, n))
+                      for axis, n in zip((2, 1, 0), labels.shape))
+        components = sitk.ConnectedComponentImageFilter()   # face connectivity, labels in raster order
+        pieces = components.Execute(sitk.GetImageFromArray((labels[grown] == value).astype(np.uint8)))
+        if components.GetObjectCount() > 1:
+            sizes = np.bincount(sitk.GetArrayViewFromImage(pieces).ravel())[1:]
+            largest = sitk.Equal(pieces, int(sizes.argmax()) + 1)
+            dilated = sitk.BinaryDilate(largest, [1, 1, 1], sitk.sitkCross)
             keep = np.zeros(labels.shape, dtype=bool)
-            keep[grown] = ndimage.binary_dilation(pieces == (int(sizes.argmax()) + 1))
+            keep[grown] = sitk.GetArrayViewFromImage(dilated).astype(bool)
             out[0, value] *= torch.from_numpy(keep).to(out)
     out[:, 0] = torch.maximum(out[:, 0], 1 - out[:, 1:].sum(1))   # what a structure lost goes to background
     return out

@@ -264,15 +264,15 @@ def test_batch_shards_over_two_torchrun_processes(cohort):
 
 @pytest.mark.slow
 def test_cold_run_imports_only_what_it_needs_and_matches_full_imports(tmp_path, phantom_pair, tiny_checkpoint):
-    """`run` skips MONAI's extras (matplotlib, pandas, scipy's signal and stats, scikit-learn); the results
-    equal those with a full MONAI."""
+    """`run` skips MONAI's extras (matplotlib, pandas, scipy, scikit-learn, requests); the results equal those
+    with a full MONAI."""
     moving, fixed = phantom_pair
     sitk.WriteImage(moving, str(tmp_path / "m.nrrd"))
     sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
     script = ("import sys; from JointRegSegLib.cli import main\n"
               f"code = main(['run', '--moving', 'm.nrrd', '--fixed', 'f.nii.gz', '--model', {str(tiny_checkpoint)!r}, "
               "'--out', 'out', '--refine', '3', '--no-affine', '--threads', '1'])\n"
-              "print('LOADED', sorted(m for m in ('matplotlib', 'pandas', 'scipy.signal', 'scipy.stats', 'sklearn', "
+              "print('LOADED', sorted(m for m in ('matplotlib', 'pandas', 'scipy', 'sklearn', 'requests', "
               "'monai') if m in sys.modules))\n"
               "sys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=240,
