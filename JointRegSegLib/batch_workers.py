@@ -35,6 +35,8 @@ def _worker(worker_id: int, model_path: str, trust_unsigned: bool, device: str, 
     """Worker process: load the model, then compute pairs from `tasks` until a None arrives."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        from .cli import quiet_known_warnings
+        quiet_known_warnings()
         from . import import_monai_lean
         import_monai_lean()
         from .threads import apply_threads

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import Cancelled, JointRegSegError
 
@@ -301,20 +302,34 @@ def _install_signal_handlers() -> dict:
     return previous
 
 
+def _say_cancelled(args) -> None:
+    if getattr(args, "pairs", None):   # batch: what is done stays done
+        print(f"jointregseg: cancelled; pairs finished before are kept and listed in {Path(args.out) / 'summary.csv'}, "
+              "the pairs being computed left nothing", file=sys.stderr)
+    else:
+        print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+
+
+def quiet_known_warnings() -> None:
+    """MONAI's note that it warps with torch's grid_sample and torch's indexing deprecation say nothing a
+    user can act on."""
+    warnings.filterwarnings("ignore", message=".*native grid_sample.*")
+    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+
+
 def main(argv=None) -> int:
     _STOP["signal"] = None
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = _install_signal_handlers()
-    warnings.filterwarnings("ignore", message=".*native grid_sample.*")
-    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+    quiet_known_warnings()
     try:
         if getattr(args, "model", "unset") is None:
             from .models import default_model_path
             args.model = default_model_path()
         return args.func(args)
     except (KeyboardInterrupt, Cancelled):
-        print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+        _say_cancelled(args)
         return 130
     except JointRegSegError as err:
         print(f"jointregseg: error: {err}", file=sys.stderr)
@@ -322,7 +337,7 @@ def main(argv=None) -> int:
     except RuntimeError:
         # a signal raised inside a SimpleITK callback comes back wrapped in a RuntimeError
         if _STOP["signal"] is not None:
-            print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+            _say_cancelled(args)
             return 130
         raise
     finally:

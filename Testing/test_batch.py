@@ -208,6 +208,58 @@ def test_batch_workers_match_one_process_and_a_killed_worker_fails_only_its_pair
     assert (out / "a" / "qc.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs FIFOs and process groups")
+def test_ctrl_c_stops_every_batch_worker_and_keeps_finished_pairs(cohort):
+    """Ctrl-C (SIGINT to the terminal's process group) during a batch with workers: exit code 130, the finished
+    pair stays done, the pair being computed is `cancelled` and left nothing, no worker is left running."""
+    import signal
+    import time
+    folder, write_csv, model = cohort
+    os.mkfifo(folder / "images" / "stuck.nii.gz")    # a read that never ends: that pair is being computed
+    pairs = write_csv([("a", "images/m.nrrd", "images/f.nii.gz"), ("stuck", "images/stuck.nii.gz", "images/f.nii.gz")])
+    out = folder / "out"
+    command = [sys.executable, "-m", "JointRegSegLib", "batch", "--pairs", str(pairs), "--out", str(out), "--model",
+               str(model), "--no-affine", "--workers", "2", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "summary.csv").is_file() and _summary(out).get("a", {}).get("status") == "done":
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)   # the other worker is inside the stuck read by now
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err[-3000:]
+    assert "pairs finished before are kept" in err
+    summary = _summary(out)
+    assert summary["a"]["status"] == "done" and summary["stuck"]["status"] == "cancelled"
+    assert sorted(p.name for p in out.iterdir()) == ["a", "summary.csv"]
+    deadline = time.monotonic() + 10
+    while _live_in_group(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _live_in_group(process.pid), "a batch process outlived the batch"
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` still running (zombies that a container's init may never reap do
+    not count)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="ascii", errors="replace").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            live.append(int(stat.parent.name))
+    return live
+
+
 def test_batch_plans_workers_from_free_cores_memory_and_device(cohort, monkeypatch):
     from JointRegSegLib import batch, imageio
     from JointRegSegLib.card import read_card
