@@ -2,8 +2,10 @@
 
 Each pair's outputs go to OUT/<name>/ exactly as `jointregseg run` writes them (the same code writes
 them). Complete pairs are skipped when the command runs again; a pair that fails is listed in
-OUT/summary.csv and the others go on. While one pair is computed, a background thread reads the next.
-Under torchrun each rank takes every WORLD_SIZE-th row (by row number) and rank 0 merges the summary.
+OUT/summary.csv and the others go on. The pairs are computed by worker processes (batch_workers.py; by
+default one per free core) or, with one worker, in this process, where a background thread reads the
+next pair while one is computed. Under torchrun each rank takes every WORLD_SIZE-th row (by row number)
+and rank 0 merges the summary.
 """
 from __future__ import annotations
 
@@ -324,7 +326,8 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
     threads of each worker, else this process's whole share of the free cores). Automatic: on the CPU
     one worker per free core (capped by the pairs to do and by the memory the largest pair needs), the
     cores split between them: small networks use a core each better than several cores together
-    (measured on 2 cores: 2 workers x 1 thread 1.45 s per pair, 1 x 2 threads 2.3 s); on a GPU one.
+    (measured on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.7 s once started,
+    one process with 2 threads every ~2.3 s); on a GPU one.
     """
     from .imageio import available_memory_bytes
     explicit_threads = threads["source"] != "auto"
