@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +15,9 @@ from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from .checkpoint import JointRegSegModel, load_model
 from .device import resolve_device, run_with_cpu_fallback
+from .fullres_labels import labels_on
 from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
-                       jacobian_determinant_of_transform, resample, resample_in_slabs, to_tensor, total_transform,
+                       jacobian_determinant_of_transform, resample, to_tensor, total_transform,
                        voxel_ddf_to_mm, working_grid)
 from .errors import CheckpointError, InputImageError
 from .imageio import label_image_like, validate_volume
@@ -69,61 +69,6 @@ def _as_model(model, device) -> JointRegSegModel:
 
 def _background(image: sitk.Image) -> float:
     return float(sitk.GetArrayViewFromImage(image).min())
-
-
-def _labels_on(probabilities: torch.Tensor, grid: sitk.Image, reference: sitk.Image, transform=None) -> np.ndarray:
-    """Argmax of class probabilities (1, C, z, y, x on the working `grid`) resampled (linearly) onto
-    `reference`; outside the grid: background."""
-    probs = probabilities[0].permute(1, 2, 3, 0).contiguous().cpu().numpy().astype(np.float32)
-    probs[..., 0] += 1e-6  # outside the working grid every class resamples to 0: let background win there
-    prob_image = sitk.GetImageFromArray(probs, isVector=True)
-    prob_image.CopyInformation(grid)
-
-    def argmax(on_ref):
-        # torch's argmax runs on all cores and reads ITK's buffer in place (numpy's takes 3x as long at 1 mm)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the view is read-only; nothing writes to it
-            view = torch.from_numpy(sitk.GetArrayViewFromImage(on_ref))
-        return view.argmax(dim=-1).to(torch.uint8).numpy()
-    # only inside the box where a structure can win: linear interpolation of voxels whose background
-    # probability exceeds 1/2 keeps it above 1/2, so no structure wins outside the dilated box of the rest
-    box = _structure_box(probs[..., 0] <= 0.5, grid, reference, transform)
-    labels = np.zeros(reference.GetSize()[::-1], np.uint8)
-    if box is None:
-        return labels
-    lo, hi = box
-    sub_reference = sitk.Image([int(h - l) for l, h in zip(lo, hi)], sitk.sitkUInt8)
-    sub_reference.SetSpacing(reference.GetSpacing())
-    sub_reference.SetDirection(reference.GetDirection())
-    sub_reference.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
-    # slab by slab: the class probabilities on a large reference grid would take 4 bytes x classes per voxel
-    labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = resample_in_slabs(
-        prob_image, sub_reference, transform, argmax, np.uint8, pixel_type=sitk.sitkVectorFloat32)
-    return labels
-
-
-def _structure_box(mask: np.ndarray, grid: sitk.Image, reference: sitk.Image, transform):
-    """Index box [lo, hi) (x, y, z) of `reference` whose points `transform` maps into the working-grid voxels
-    of `mask` (z, y, x) dilated by one voxel; None when the mask is empty. The whole reference when the
-    transform cannot be inverted."""
-    if not mask.any():
-        return None
-    size = np.array(reference.GetSize())
-    try:
-        to_reference = sitk.Transform() if transform is None else transform.GetInverse()
-    except RuntimeError:
-        return np.zeros(3, int), size
-    where = np.nonzero(mask)
-    first = np.array([w.min() for w in where])[::-1] - 1.0     # (x, y, z), one voxel of dilation
-    last = np.array([w.max() for w in where])[::-1] + 1.0
-    corners = [[float((first, last)[bit >> axis & 1][axis]) for axis in range(3)] for bit in range(8)]
-    points = [to_reference.TransformPoint(grid.TransformContinuousIndexToPhysicalPoint(c)) for c in corners]
-    indices = np.array([reference.TransformPhysicalPointToContinuousIndex(p) for p in points])
-    lo = np.clip(np.floor(indices.min(0)) - 1, 0, size).astype(int)
-    hi = np.clip(np.ceil(indices.max(0)) + 2, 0, size).astype(int)
-    if np.any(hi <= lo):
-        return None
-    return lo, hi
 
 
 def _guide_on(labels: sitk.Image, grid: sitk.Image, transform, role: str, label_table: list) -> torch.Tensor:
@@ -274,9 +219,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         warped = resample(moving, fixed, transform, default=_background(moving))
     with reporter.stage("segmentations"):
         lut = _class_values(model.label_table)
-        fixed_labels = lut[_labels_on(fixed_probs, grid, fixed)]
+        fixed_labels = lut[labels_on(fixed_probs, grid, fixed)]
         to_grid = affine_tx.GetInverse() if affine_tx is not None else None
-        moving_labels = lut[_labels_on(moving_probs, grid, moving, to_grid)]
+        moving_labels = lut[labels_on(moving_probs, grid, moving, to_grid)]
         if card.get("segment_foreground_only"):
             # models trained on brain-extracted images never saw background voxels labelled
             fixed_labels[sitk.GetArrayViewFromImage(fixed) <= _background(fixed)] = 0

@@ -4,7 +4,7 @@ import SimpleITK as sitk
 import torch
 
 from JointRegSegLib.geometry import make_grid, resample_in_slabs
-from JointRegSegLib.pipeline import _labels_on
+from JointRegSegLib.fullres_labels import labels_on
 
 from conftest import rotation
 
@@ -31,7 +31,7 @@ def test_labels_in_the_structure_box_equal_labels_resampled_everywhere():
     reference = make_grid((70, 60, 50), (1.1, 1.3, 1.7), rotation((10.0, -5.0, 20.0)), np.array([3.0, -2.0, 1.0]))
     affine = sitk.AffineTransform(rotation((4.0, 3.0, -6.0)).ravel().tolist(), (2.0, -1.5, 0.5), (0.0, 0.0, 0.0))
     for transform in (None, affine):
-        boxed = _labels_on(probabilities, grid, reference, transform)
+        boxed = labels_on(probabilities, grid, reference, transform)
         full = _everywhere(probabilities, grid, reference, transform)
         assert set(np.unique(full)) == {0, 1, 2, 3}
         np.testing.assert_array_equal(boxed, full)
@@ -42,4 +42,33 @@ def test_no_structure_anywhere_gives_an_empty_segmentation():
     logits = torch.zeros(1, 3, 20, 20, 20)
     logits[0, 0] = 5.0
     reference = make_grid((30, 30, 30), (1.0, 1.0, 1.0), np.eye(3), np.zeros(3))
-    assert not _labels_on(torch.softmax(logits, 1), grid, reference).any()
+    assert not labels_on(torch.softmax(logits, 1), grid, reference).any()
+
+
+def test_smooth_probabilities_through_a_rotation_match_itk_resampling_and_a_warp_falls_back_to_it():
+    """Where classes meet gradually (smooth random logits, many borders), the cells whose corners agree take
+    their label directly and the rest are interpolated: the labels equal ITK's linear resampling + argmax.
+    A displacement-field transform is not affine: the whole box is then resampled by ITK."""
+    from JointRegSegLib.fullres_labels import affine_index_map
+    generator = torch.Generator().manual_seed(3)
+    grid = make_grid((30, 36, 28), (2.0, 2.0, 2.0), rotation((0.0, 0.0, 90.0)), np.array([-5.0, 4.0, 2.0]))
+    logits = torch.nn.functional.avg_pool3d(torch.randn(1, 5, 28, 36, 30, generator=generator), 5, 1, 2) * 12
+    logits[0, 0] += 0.5
+    probabilities = torch.softmax(logits, 1)
+    reference = make_grid((64, 50, 58), (0.9, 1.2, 1.1), rotation((-8.0, 12.0, 5.0)), np.array([-2.0, 3.0, 0.0]))
+    affine = sitk.AffineTransform(rotation((6.0, -4.0, 2.0)).ravel().tolist(), (1.5, 0.5, -2.0), (0.0, 0.0, 0.0))
+    assert affine_index_map(reference, grid, affine) is not None
+    fast = labels_on(probabilities, grid, reference, affine)
+    itk = _everywhere(probabilities, grid, reference, affine)
+    assert len(np.unique(itk)) == 5
+    np.testing.assert_array_equal(fast, itk)
+
+    field = np.zeros((36, 40, 36, 3))
+    field[..., 0] = 3.0 * np.sin(np.linspace(0, np.pi, 36))[:, None, None]   # a bend: not affine
+    displacement = sitk.GetImageFromArray(field, isVector=True)
+    displacement.SetOrigin((-40.0, -44.0, -40.0))
+    displacement.SetSpacing((2.5, 2.5, 2.5))
+    bend = sitk.DisplacementFieldTransform(displacement)
+    assert affine_index_map(reference, grid, bend) is None
+    np.testing.assert_array_equal(labels_on(probabilities, grid, reference, bend),
+                                  _everywhere(probabilities, grid, reference, bend))
