@@ -326,8 +326,8 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
     threads of each worker, else this process's whole share of the free cores). Automatic: on the CPU
     one worker per free core (capped by the pairs to do and by the memory the largest pair needs), the
     cores split between them: small networks use a core each better than several cores together
-    (measured on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.7 s once started,
-    one process with 2 threads every ~2.3 s); on a GPU one.
+    (measured on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.6 s once started,
+    one process with 2 threads every ~2.1 s); on a GPU one.
     """
     from .imageio import available_memory_bytes
     explicit_threads = threads["source"] != "auto"
