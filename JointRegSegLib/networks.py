@@ -112,7 +112,7 @@ class KeypointAffine(nn.Module):
         """Keypoints (B, K, 3 as x, y, z normalised) and their peakedness (B, K) in [0, 1]."""
         if self.pool > 1:
             image = F.avg_pool3d(image, self.pool)
-        batch, shape = image.shape[0], image.shape[2:]
+        shape = image.shape[2:]
         logits = self.heatmaps(image).flatten(2)                                          # (B, K, V)
         weights = torch.softmax(logits * self.sharpness, dim=-1)
         eye = torch.eye(3, 4, dtype=image.dtype, device=image.device)[None]
