@@ -320,26 +320,26 @@ def _gpu_present() -> bool:
 
 
 def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) -> dict:
-    """{"workers", "threads", "why"}: worker processes for this batch (or rank) and intra-op threads each.
+    """{"workers", "threads", "why", "thread_source"}: worker processes for this batch (or rank) and the
+    intra-op threads of each.
 
-    `requested`: "auto" or a number; `threads`: threads.choose_threads' choice (with --threads it is the
-    threads of each worker, else this process's whole share of the free cores). Automatic: on the CPU
-    one worker per free core (capped by the pairs to do and by the memory the largest pair needs), the
-    cores split between them: small networks use a core each better than several cores together
-    (measured on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.6 s once started,
-    one process with 2 threads every ~2.1 s); on a GPU one.
+    `requested`: "auto" or a number; `threads`: threads.choose_threads' choice, the threads this batch may
+    use in all (`--threads`, JOINTREGSEG_THREADS, else the free cores of this rank's share), split between
+    the workers. Automatic: on the CPU one worker per thread (capped by the pairs to do and by the memory
+    the largest pair needs): small networks use a core each better than several cores together (measured
+    on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.6 s once started, one process
+    with 2 threads every ~2.1 s); on a GPU one.
     """
     from .imageio import available_memory_bytes
-    explicit_threads = threads["source"] != "auto"
-    budget = threads["threads"] if not explicit_threads else max(1, threads["cores"] // threads["workers"])
+    budget = threads["threads"]
     if requested != "auto":
-        workers = int(requested)
-        why = "--workers"
+        workers, why = int(requested), "--workers"
     elif device.startswith("cuda") or (device == "auto" and _gpu_present()):
         workers, why = 1, "auto: one process per GPU"
     else:
-        workers = budget // threads["threads"] if explicit_threads else budget
-        why = f"auto: {threads['cores']} cores, {threads['busy_cores']:g} busy with other work"
+        workers = budget
+        why = (f"auto: {threads['cores']} cores, {threads['busy_cores']:g} busy with other work"
+               if threads["source"] == "auto" else f"auto: {budget} threads from {threads['source']}")
         if threads["workers"] > 1:
             why += f", shared by {threads['workers']} ranks"
         available = available_memory_bytes()
@@ -348,8 +348,7 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
             workers = int(available // needed)
             why += f", {available / 1024 ** 3:.1f} GB free for {needed / 1024 ** 3:.1f} GB per pair"
     workers = max(1, min(workers, len(todo)))
-    each = threads["threads"] if explicit_threads else max(1, budget // workers)
-    return {"workers": workers, "threads": each, "why": why, "thread_source": threads["source"]}
+    return {"workers": workers, "threads": max(1, budget // workers), "why": why, "thread_source": threads["source"]}
 
 
 def _memory_or_none(pair_args, card):
@@ -361,11 +360,8 @@ def _memory_or_none(pair_args, card):
 
 
 def describe_plan(plan: dict) -> str:
-    text = (f"{plan['workers']} worker process{'es' if plan['workers'] != 1 else ''} x {plan['threads']} "
-            f"thread{'s' if plan['threads'] != 1 else ''} ({plan['why']}")
-    if plan["thread_source"] != "auto":
-        text += f"; threads from {plan['thread_source']}"
-    return text + ")"
+    return (f"{plan['workers']} worker process{'es' if plan['workers'] != 1 else ''} x {plan['threads']} "
+            f"thread{'s' if plan['threads'] != 1 else ''} ({plan['why']})")
 
 
 # --------------------------------------------------------------------------------------------------- command
@@ -452,10 +448,13 @@ def _cmd_batch(args) -> int:
                            lambda pair, row: (finished(pair, row), show_running()))
         else:
             _run_here(todo, plan, args, local_rank, world, bar, started, finished)
-    except (KeyboardInterrupt, SystemExit):
+    except BaseException as err:
+        # stopped by the user: the pairs being computed are cancelled; by an error (a model the workers
+        # cannot load): they were not computed
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
         for row in rows.values():
             if row["status"] == "running":
-                row["status"] = "cancelled"
+                row["status"] = "cancelled" if interrupted else "pending"
         raise
     finally:
         bar.close()
@@ -539,9 +538,9 @@ def register(sub) -> None:
     batch.add_argument("--allow-failures", action="store_true",
                        help="exit 0 even when some pairs failed (they are listed in summary.csv)")
     batch.add_argument("--workers", default="auto", type=_workers, metavar="N|auto",
-                       help="processes computing pairs side by side, each loading the model once (default auto: "
-                            "on the CPU one per free core, the cores split between them; on a GPU one). "
-                            "--threads then sets the threads of each worker")
+                       help="processes computing pairs side by side, each loading the model once; the batch's "
+                            "threads (--threads, else the free cores) are split between them (default auto: on "
+                            "the CPU one per thread, fewer when memory or the pairs left are fewer; on a GPU one)")
     run = sub.choices.get("run")
     if run is None:
         raise JointRegSegError("internal: `batch` is registered before `run`")

@@ -1,150 +1,246 @@
 """`jointregseg batch --workers N`: pairs computed by N worker processes side by side.
 
-Each worker is a fresh (spawned) process that imports the engine, takes its threads, loads the model once
-and then takes the next pair from a shared queue until none is left, so a slow pair never holds back the
-others. The parent only plans, shows progress and keeps the summary; it never imports torch. A worker that
-dies (killed, out of memory) fails only the pair it was computing and is replaced; a model that cannot
-be loaded stops the batch with the loader's message. Ctrl-C stops every worker: a pair being written is
-left as before (outputs are written all or nothing) and its row says `cancelled`.
+Each worker is a child process (`python -m JointRegSegLib.batch_workers ...`) that imports the engine, takes
+its threads and loads the model once, then computes the pairs the parent sends it, one at a time, until its
+stdin closes. Parent and worker talk in JSON lines over the worker's own pipes (the worker's stdout is kept
+for them; whatever libraries print goes to stderr), so a worker that dies can hold no lock or message of
+another, and the caller's `__main__` is never imported again (as multiprocessing's spawn would).
+
+The parent hands each pair to the next idle worker, so it always knows which pair a worker holds: a worker
+that dies (killed, out of memory) fails that pair only, its half-staged outputs are removed, and a new worker
+takes its place. A model that cannot be loaded stops the batch with the loader's message; workers that keep
+dying while starting fail the pairs that are left. Ctrl-C or an error stops every worker (SIGTERM unwinds
+them: a pair being written is left as before, outputs are written all or nothing).
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import collections
+import json
+import os
 import queue
+import shutil
 import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 from .errors import JointRegSegError
 
-_POLL_S = 0.5
 _STOP_GRACE_S = 10.0
+_START_FAILURES_TOLERATED = 3
+# run options that do not cross to a worker (argparse's own objects)
+_LOCAL_ONLY = ("func", "row_options")
 
 
-def _portable(namespace: argparse.Namespace) -> argparse.Namespace:
-    """A pair's arguments without what cannot cross to another process (the command's function and
-    argparse's actions)."""
-    return argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in ("func", "row_options")})
+class _Worker:
+    def __init__(self, number: int, process: subprocess.Popen):
+        self.number, self.process = number, process
+        self.ready = False
+        self.index = None        # the pair (position in todo) this worker computes, None when idle
 
+
+def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, finished) -> None:
+    """Compute `todo` [(pair, pair_args, wanted, state)] in plan["workers"] processes of plan["threads"]
+    threads each. In this process, `started(pair)` is called when a worker is given a pair and
+    `finished(pair, row_update)` when it ends (see batch.run_pair). `placement`: (local rank, world size)
+    for the device choice under torchrun."""
+    from .worker import child_environment
+    events = queue.Queue()
+    command = [sys.executable, "-m", "JointRegSegLib.batch_workers", "--model", str(args.model),
+               "--device", args.device, "--local-rank", str(placement[0]), "--world", str(placement[1]),
+               "--threads", str(plan["threads"])] + (["--trust-unsigned"] if getattr(args, "trust_unsigned", False)
+                                                    else [])
+    environment = child_environment()
+    workers: dict[int, _Worker] = {}
+    waiting = collections.deque(range(len(todo)))     # pairs not yet given to a worker
+    unfinished = len(todo)
+    start_failures, anyone_ready, counter = 0, False, 0
+
+    def start():
+        nonlocal counter
+        counter += 1
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
+                                   text=True, encoding="utf-8", bufsize=1)
+        worker = workers[counter] = _Worker(counter, process)
+        threading.Thread(target=_read_events, args=(worker, events), daemon=True,
+                         name=f"jointregseg-batch-worker-{counter}").start()
+
+    def give_work(worker):
+        if not waiting:
+            _close_stdin(worker)          # nothing left: the worker ends
+            return
+        index = waiting.popleft()
+        _pair, pair_args, wanted, state = todo[index]
+        message = {"index": index, "args": _portable(pair_args), "wanted": wanted, "state": state}
+        try:
+            worker.process.stdin.write(json.dumps(message) + "\n")
+            worker.process.stdin.flush()
+        except OSError:                   # it died meanwhile: its exit event comes next
+            waiting.appendleft(index)
+            return
+        worker.index = index
+        started(todo[index][0])
+
+    def fail(index, error):
+        nonlocal unfinished
+        unfinished -= 1
+        finished(todo[index][0], {"status": "failed", "seconds": "", "error": error})
+
+    for _ in range(plan["workers"]):
+        start()
+    completed = False
+    try:
+        while unfinished:
+            try:
+                number, event = events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            worker = workers.get(number)
+            if worker is None:
+                continue
+            kind = event.get("event")
+            if kind == "ready":
+                worker.ready = anyone_ready = True
+                give_work(worker)
+            elif kind == "done" and worker.index == event.get("index"):
+                index, worker.index = worker.index, None
+                unfinished -= 1
+                finished(todo[index][0], event["row"])
+                give_work(worker)
+            elif kind == "fatal":
+                raise JointRegSegError(f"a batch worker could not start: {event.get('error')}")
+            elif kind == "exit":
+                del workers[number]
+                code = event.get("code")
+                if worker.index is not None:
+                    _remove_staging(todo[worker.index][1])
+                    fail(worker.index, f"the worker process computing this pair died (exit code {code}: "
+                                       "killed, or out of memory?)")
+                if not worker.ready:
+                    if not anyone_ready and not workers:
+                        raise JointRegSegError(f"the batch worker processes exited while starting (exit code "
+                                               f"{code}); see the messages above")
+                    start_failures += 1
+                if waiting and len(workers) < plan["workers"]:
+                    if start_failures < _START_FAILURES_TOLERATED:
+                        start()
+                    elif not workers:
+                        while waiting:
+                            fail(waiting.popleft(), f"no batch worker process could be started ({start_failures} "
+                                                    f"exited while starting, the last with exit code {code})")
+        completed = True
+    finally:
+        _stop(list(workers.values()), graceful=completed)
+
+
+def _portable(pair_args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(pair_args).items() if k not in _LOCAL_ONLY}
+
+
+def _read_events(worker: _Worker, events: queue.Queue) -> None:
+    """The worker's protocol lines as events, then its exit; anything else it printed is passed on."""
+    for line in worker.process.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            sys.stderr.write(line)
+            continue
+        events.put((worker.number, event))
+    events.put((worker.number, {"event": "exit", "code": worker.process.wait()}))
+
+
+def _close_stdin(worker: _Worker) -> None:
+    try:
+        worker.process.stdin.close()
+    except OSError:
+        pass
+
+
+def _remove_staging(pair_args) -> None:
+    """What a killed worker left half staged for this pair (`imageio.staged_output_dir`'s folder)."""
+    out = Path(pair_args.out)
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _stop(workers: list, graceful: bool) -> None:
+    """Workers that were told to end (stdin closed) are waited for; after an error or Ctrl-C they are
+    stopped (SIGTERM unwinds them, so a pair being written leaves nothing behind)."""
+    for worker in workers:
+        _close_stdin(worker)
+    if graceful:
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.terminate()
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+
+
+# --- the worker's side ------------------------------------------------------------------------------------
 
 def _stop_on_sigterm(_signum, _frame):
     raise SystemExit(143)   # unwinds like Ctrl-C, so staged outputs are removed
 
 
-def _worker(worker_id: int, model_path: str, trust_unsigned: bool, device: str, placement: tuple, threads: int,
-            tasks, results):
-    """Worker process: load the model, then compute pairs from `tasks` until a None arrives."""
+def serve(argv=None) -> int:
+    """A worker: load the model, then compute the pairs that arrive on stdin (JSON lines) until it closes;
+    events go as JSON lines to the original stdout."""
+    parser = argparse.ArgumentParser(prog="python -m JointRegSegLib.batch_workers")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--local-rank", type=int, default=0)
+    parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trust-unsigned", action="store_true")
+    options = parser.parse_args(argv)
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)                     # whatever libraries print goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+    def send(event: dict) -> None:
+        events.write(json.dumps(event) + "\n")
+
     try:
         from .cli import quiet_known_warnings
         quiet_known_warnings()
         from . import import_monai_lean
         import_monai_lean()
         from .threads import apply_threads
-        apply_threads(threads)
+        apply_threads(options.threads)
         from .batch import rank_device, run_pair
         from .checkpoint import load_model
         from .cli import read_run_inputs
         from .device import resolve_device
-        device = rank_device(device, *placement)
-        model = load_model(model_path, resolve_device(device), trust_unsigned=trust_unsigned)
+        device = rank_device(options.device, options.local_rank, options.world)
+        model = load_model(options.model, resolve_device(device), trust_unsigned=options.trust_unsigned)
     except Exception as err:  # noqa: BLE001  reported to the parent, which stops the batch with it
-        results.put(("fatal", worker_id, None, str(err) if isinstance(err, JointRegSegError)
-                     else f"{type(err).__name__}: {err}"))
-        return
-    results.put(("ready", worker_id, None, None))
+        send({"event": "fatal", "error": str(err) if isinstance(err, JointRegSegError)
+              else f"{type(err).__name__}: {err}"})
+        return 1
+    send({"event": "ready"})
     try:
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            index, pair_args, wanted, state = task
-            pair_args.device = device
-            results.put(("start", worker_id, index, None))
-            row = run_pair(pair_args, wanted, state, model, lambda a=pair_args: read_run_inputs(a), None)
-            results.put(("done", worker_id, index, row))
+        for line in sys.stdin:
+            task = json.loads(line)
+            pair_args = argparse.Namespace(**{**task["args"], "device": device})
+            row = run_pair(pair_args, task["wanted"], task["state"], model, lambda a=pair_args: read_run_inputs(a),
+                           None)
+            send({"event": "done", "index": task["index"], "row": row})
     except KeyboardInterrupt:
-        return
+        return 130
+    return 0
 
 
-def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, finished) -> None:
-    """Compute `todo` [(pair, pair_args, wanted, state)] in plan["workers"] processes of plan["threads"]
-    threads each. In this process, `started(pair)` is called when a worker takes a pair and
-    `finished(pair, row_update)` when it ends (see batch.run_pair). `placement`: (local rank, world size)
-    for the device choice under torchrun."""
-    context = multiprocessing.get_context("spawn")   # never fork a process that may hold OpenMP threads
-    tasks, results = context.Queue(), context.Queue()
-    for index, (_pair, pair_args, wanted, state) in enumerate(todo):
-        tasks.put((index, _portable(pair_args), wanted, state))
-    trust = bool(getattr(args, "trust_unsigned", False))
-
-    def start(worker_id):
-        process = context.Process(target=_worker, name=f"jointregseg-worker-{worker_id}", daemon=True,
-                                  args=(worker_id, str(args.model), trust, args.device, placement,
-                                        plan["threads"], tasks, results))
-        process.start()
-        return process
-
-    workers = {worker_id: start(worker_id) for worker_id in range(plan["workers"])}
-    for _ in workers:
-        tasks.put(None)      # one end mark per worker; a replacement takes over the mark of the one it replaces
-    ready, computing = set(), {}   # workers that loaded the model; worker id -> index of the pair it computes
-    left, next_id, completed = len(todo), len(workers), False
-    try:
-        while left:
-            try:
-                kind, worker_id, index, payload = results.get(timeout=_POLL_S)
-            except queue.Empty:
-                left, next_id = _replace_dead(workers, ready, computing, todo, finished, start, left, next_id)
-                continue
-            if kind == "fatal":
-                raise JointRegSegError(f"a batch worker could not start: {payload}")
-            if kind == "ready":
-                ready.add(worker_id)
-            elif kind == "start":
-                computing[worker_id] = index
-                started(todo[index][0])
-            else:
-                computing.pop(worker_id, None)
-                left -= 1
-                finished(todo[index][0], payload)
-        completed = True
-    finally:
-        _stop(workers.values(), graceful=completed)
-
-
-def _replace_dead(workers, ready, computing, todo, finished, start, left, next_id):
-    """A worker that died fails the pair it had; a new one takes its place while pairs are queued. A
-    worker that dies before it has loaded the model stops the batch (a replacement would die the same way)."""
-    for worker_id, process in list(workers.items()):
-        if process.is_alive() or process.exitcode == 0:
-            continue
-        del workers[worker_id]
-        if worker_id not in ready:
-            raise JointRegSegError(f"a batch worker process exited while starting (exit code {process.exitcode})")
-        index = computing.pop(worker_id, None)
-        if index is not None:
-            left -= 1
-            finished(todo[index][0], {"status": "failed", "seconds": "",
-                                      "error": f"the worker process computing this pair died (exit code "
-                                               f"{process.exitcode}: killed, or out of memory?)"})
-        if left > len(computing):
-            workers[next_id] = start(next_id)
-            next_id += 1
-    return left, next_id
-
-
-def _stop(processes, graceful: bool) -> None:
-    """Workers that were told to end are waited for; after an error or Ctrl-C they are stopped (SIGTERM
-    unwinds them, so a pair being written leaves nothing behind)."""
-    processes = list(processes)
-    if graceful:
-        for process in processes:
-            process.join(timeout=_STOP_GRACE_S)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=_STOP_GRACE_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
+if __name__ == "__main__":
+    raise SystemExit(serve())

@@ -89,8 +89,11 @@ def structure_box(mask: np.ndarray, grid: sitk.Image, reference: sitk.Image, tra
 
 def affine_index_map(reference: sitk.Image, grid: sitk.Image, transform) -> tuple | None:
     """(M, b) with grid continuous index = M @ reference index + b (both x, y, z), when `transform` (None:
-    identity) is affine; None otherwise. Fitted on four reference indices and checked on four more."""
+    identity) is linear (ITK's IsLinear: affine, rigid, similarity, scale, translation, or composites of
+    them); None otherwise. Fitted on four reference indices and checked on four more."""
     transform = sitk.Transform() if transform is None else transform
+    if not transform.IsLinear():
+        return None
 
     def grid_index(index):
         point = reference.TransformContinuousIndexToPhysicalPoint([float(v) for v in index])

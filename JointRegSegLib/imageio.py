@@ -379,14 +379,26 @@ def staged_output_dir(out_dir: str | os.PathLike, replace: set | list | tuple | 
 
 @contextlib.contextmanager
 def _signals_held():
+    """SIGINT and SIGTERM that arrive inside the block are recorded and delivered after it. Python runs its
+    signal handlers in the main thread whichever thread the kernel picked, so masking the signals in the
+    main thread (pthread_sigmask) would not stop a handler from raising between two moves; swapping the
+    handlers does. Only the main thread can swap them; elsewhere the block runs as it is."""
     import signal
     import threading
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught, previous = [], {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:          # installed outside Python: cannot be put back, so left alone
+            continue
+        previous[sig] = handler
+        signal.signal(sig, lambda number, _frame: caught.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)

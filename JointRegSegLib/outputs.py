@@ -138,11 +138,16 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
         for key in OUTPUT_FILES:
             target(key)
         step(0)
-        with ThreadPoolExecutor(max_workers=max(1, min(_writer_threads(), len(jobs))),
-                                thread_name_prefix="jointregseg-write") as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(_writer_threads(), len(jobs))),
+                                  thread_name_prefix="jointregseg-write")
+        try:
             for done, future in enumerate(as_completed([pool.submit(job) for job in jobs])):
                 future.result()   # the first failure propagates: the staged folder is then discarded
                 step(1 + done * (steps - 2) / len(jobs))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)   # files not started yet are not written at all
+            raise
+        pool.shutdown(wait=True)
         if report_fixed is not None:
             from .report import write_report
             write_report(result, report_fixed, staging)

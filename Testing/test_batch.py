@@ -274,8 +274,8 @@ def test_batch_plans_workers_from_free_cores_memory_and_device(cohort, monkeypat
     assert (plan["workers"], plan["threads"]) == (2, 1)          # a core each
     plan = batch.plan_workers("auto", cores(8), [job] * 3, card, "cpu")
     assert (plan["workers"], plan["threads"]) == (3, 2)          # no more workers than pairs; cores split
-    explicit = {**cores(2), "source": "--threads", "threads": 2}
-    assert batch.plan_workers("auto", explicit, [job] * 6, card, "cpu")["workers"] == 1   # 2 threads fill 2 cores
+    one = {**cores(8), "source": "--threads", "threads": 1}        # --threads limits the whole batch
+    assert (batch.plan_workers("auto", one, [job] * 6, card, "cpu")["workers"]) == 1
     assert batch.plan_workers("auto", cores(8), [job] * 6, card, "cuda")["workers"] == 1  # one process per GPU
     assert batch.plan_workers(4, cores(8), [job] * 6, card, "cpu")["threads"] == 2
     needed = batch._memory_or_none(job[1], card)
@@ -284,6 +284,32 @@ def test_batch_plans_workers_from_free_cores_memory_and_device(cohort, monkeypat
     assert (plan["workers"], plan["threads"]) == (2, 4) and "GB free" in batch.describe_plan(plan)
     with pytest.raises(SystemExit):
         main(["batch", "--pairs", "p.csv", "--out", "o", "--workers", "0"])
+
+
+def test_a_model_the_workers_cannot_load_stops_the_batch_with_its_message(cohort, capsys):
+    """The card reads, the weights do not match its checksum: every worker says so; exit code 2, the
+    pairs stay `pending`, no worker process is left."""
+    folder, write_csv, model = cohort
+    data = bytearray(Path(model).read_bytes())
+    data[-5] ^= 0xFF                         # a weight byte, past the header with the card
+    broken = folder / "broken.safetensors"
+    broken.write_bytes(bytes(data))
+    pairs = write_csv([("a", "images/m.nrrd", "images/f.nii.gz"), ("b", "images/f.nii.gz", "images/m.nrrd")])
+    out = folder / "out"
+    assert _batch(pairs, out, broken, "--workers", "2", "--threads", "2") == 2
+    err = capsys.readouterr().err
+    assert "a batch worker could not start" in err and "checksum" in err, err[-2000:]
+    assert [row["status"] for row in _summary(out).values()] == ["pending", "pending"]
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _is_our_worker(p)]
+
+
+def _is_our_worker(cmdline: Path) -> bool:
+    try:
+        text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = (cmdline.parent / "stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return "JointRegSegLib.batch_workers" in text and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.mark.slow

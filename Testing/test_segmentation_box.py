@@ -70,5 +70,10 @@ def test_smooth_probabilities_through_a_rotation_match_itk_resampling_and_a_warp
     displacement.SetSpacing((2.5, 2.5, 2.5))
     bend = sitk.DisplacementFieldTransform(displacement)
     assert affine_index_map(reference, grid, bend) is None
+    bump = sitk.GetImageFromArray(np.zeros((36, 40, 36, 3)), isVector=True)   # zero at every probe point
+    bump.SetOrigin((-40.0, -44.0, -40.0))
+    bump.SetSpacing((2.5, 2.5, 2.5))
+    bump[18, 20, 18] = (4.0, 0.0, 0.0)
+    assert affine_index_map(reference, grid, sitk.DisplacementFieldTransform(bump)) is None   # not linear
     np.testing.assert_array_equal(labels_on(probabilities, grid, reference, bend),
                                   _everywhere(probabilities, grid, reference, bend))

@@ -5,9 +5,9 @@
 Every time is the wall time of a whole process, start-up, reading and writing included, started from
 this script one after the other (never side by side), each with the same thread count:
 - `jointregseg run --moving M --fixed F --out D --threads T` (default options: network + velocity scale, no refinement), once per pair;
-- `jointregseg batch --pairs P.csv --out D` over all pairs at once (model loaded once per worker), with
-  its default processes and threads (chosen from the free cores: on 2 cores 2 workers x 1 thread), and
-  `--workers 1 --threads T` (one process); per pair = the command's wall time / pairs;
+- `jointregseg batch --pairs P.csv --out D --threads T` over all pairs at once (model loaded once per
+  worker), with its default workers (the T threads split between worker processes: T = 2 gives 2 workers
+  x 1 thread), and `--workers 1 --threads T` (one process); per pair = the command's wall time / pairs;
 - ANTs SyN as a user of antspyx runs it (benchmarks/syn_user.py): read both images,
   `ants.registration(type_of_transform="SyN")` (antspyx defaults: affine + SyN), warp the moving image
   and its label map onto the fixed grid, write them and the transforms.
@@ -175,12 +175,11 @@ def main(argv=None) -> int:
         writer.writerow(["name", "moving", "fixed"])
         for pair in pairs:
             writer.writerow([pair.name, str(pair.moving), str(pair.fixed)])
-    # batch as a user runs it on this machine: processes and threads chosen automatically from the free
-    # cores (`--workers auto`; on 2 cores: 2 workers x 1 thread), so the same 2 cores as every other process
-    batch_env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                          "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    # batch with its default workers (`--workers auto`): the same T threads as every other process, split
+    # between worker processes (T = 2: 2 workers x 1 thread)
     batch_s, batch_peak, batch_err = timed_tree(jointregseg + ["batch", "--pairs", str(batch_csv), "--out",
-                                                               str(work / "batch")] + model, batch_env)
+                                                               str(work / "batch"), "--threads", threads] + model,
+                                                env)
     batch_plan = next((line.split(", device ")[-1].split(" ", 1)[-1] for line in batch_err.splitlines()
                        if "worker process" in line), "?")
     one_s, one_peak, _ = timed(time_cmd + jointregseg + ["batch", "--pairs", str(batch_csv), "--out",
