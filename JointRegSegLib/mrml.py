@@ -515,9 +515,10 @@ class Job:
         try:
             moving_file = export_volume(moving_node, self.workdir / "moving.nrrd")
             fixed_file = export_volume(fixed_node, self.workdir / "fixed.nrrd")
+            # the outputs are read into the scene and deleted: not worth deflating
             request = {"moving": str(moving_file), "fixed": str(fixed_file), "model": str(Path(model_path).resolve()),
                        "out": str(self.workdir / "out"), "refine": int(refine_iterations), "device": device,
-                       "affine": bool(affine)}
+                       "affine": bool(affine), "compress": False}
             if guide is not None:
                 for key, segmentation, node, image_file in (
                         ("guide_moving_labels", guide[0], moving_node, moving_file),

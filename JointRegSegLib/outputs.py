@@ -82,8 +82,12 @@ def known_outputs() -> set[str]:
 
 
 def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = None, report_fixed=None,
-                 replace: bool = False, progress=None) -> dict[str, Path]:
+                 replace: bool = False, progress=None, compress: bool = True) -> dict[str, Path]:
     """Write every output of `result` into `out_dir`; on any failure nothing new appears there.
+
+    `compress=False`: the .nii.gz volumes too are stored undeflated (write_stored_gzip; the same files for
+    every reader, larger): for outputs that are read back at once and deleted, e.g. by the Slicer module
+    (saves ~0.1 s of deflating a 1.5 mm brain's warped image and Jacobian).
 
     `report_fixed`: the fixed image, to also write the QC report (report.md, qc_overview.png) in the same
     all-or-nothing step. `replace`: outputs of an earlier run in `out_dir` that this one does not write
@@ -106,8 +110,14 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
             written[key] = out_dir / OUTPUT_FILES[key]
             return str(staging / OUTPUT_FILES[key])
 
+        def volume(image, key):
+            if compress:
+                sitk.WriteImage(image, target(key), True)
+            else:
+                write_stored_gzip(image, target(key))
+
         def write_warped():
-            sitk.WriteImage(result.warped, target("warped"), True)
+            volume(result.warped, "warped")
 
         def write_transform():
             transform = result.transform
@@ -118,14 +128,14 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
             write_stored_gzip(field, target("displacement"))
 
         def write_segmentations():
-            sitk.WriteImage(result.fixed_segmentation, target("fixed_segmentation"), True)
-            sitk.WriteImage(result.moving_segmentation, target("moving_segmentation"), True)
-            sitk.WriteImage(result.warped_moving_segmentation, target("warped_moving_segmentation"), True)
+            volume(result.fixed_segmentation, "fixed_segmentation")
+            volume(result.moving_segmentation, "moving_segmentation")
+            volume(result.warped_moving_segmentation, "warped_moving_segmentation")
             write_slicer_segmentation(result.fixed_segmentation, result.label_table, target("fixed_seg_nrrd"))
             write_slicer_segmentation(result.moving_segmentation, result.label_table, target("moving_seg_nrrd"))
 
         def write_jacobian():
-            sitk.WriteImage(result.jacobian_determinant, target("jacobian"), True)
+            volume(result.jacobian_determinant, "jacobian")
 
         def write_qc():
             qc = {**result.qc, "label_table": result.label_table, **(extra_qc or {})}

@@ -427,7 +427,8 @@ def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send
     if cancel.is_set():
         raise Cancelled("cancelled by the user")
     write_result(result, args["out"], extra_qc={"inputs": {"moving": str(args["moving"]), "fixed": str(args["fixed"]),
-                                                           "model": str(model_path)}})
+                                                           "model": str(model_path)}},
+                 compress=bool(args.get("compress", True)))
     progress("save results", 1.0)
     send({"event": "done", "id": request_id, "seconds": round(time.perf_counter() - started, 3),
           "worker": {"pid": os.getpid(), "model_loads": cache.loads, "requests": cache.requests}})
@@ -437,7 +438,8 @@ def serve(stdin=None) -> int:
     """The warm worker's loop: JSON requests on stdin, JSON events on the original stdout.
 
     Requests: {"command": "run", "id": ID, "args": {moving, fixed, out, model, device, affine, refine,
-    similarity, guide_moving_labels, guide_fixed_labels}}, {"command": "cancel", "id": ID}, {"command": "quit"}.
+    similarity, guide_moving_labels, guide_fixed_labels, compress (false: outputs that are read back at once
+    and deleted)}}, {"command": "cancel", "id": ID}, {"command": "quit"}.
     Events: ready, progress, done, cancelled, failed (with "error").
     """
     import warnings

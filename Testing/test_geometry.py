@@ -79,6 +79,23 @@ def test_written_transform_reproduces_warped_image(tmp_path, tiny_model, geometr
     assert np.abs(sitk.GetArrayFromImage(result.displacement)).max() > 1.0
 
 
+def test_uncompressed_outputs_hold_the_same_volumes(tmp_path, tiny_model):
+    """write_result(compress=False) (what the Slicer module asks of its worker: files read back at once) writes
+    the same .nii.gz volumes, as gzip streams that store the data undeflated."""
+    import gzip
+    fixed = sample_on(grid_for("axis-aligned"), phantom_array)
+    moving = sample_on(grid_for("lps-oblique", center=(2, -1, 1)), phantom_array)
+    result = register_and_segment(moving, fixed, tiny_model, affine=False)
+    packed = write_result(result, tmp_path / "packed")
+    plain = write_result(result, tmp_path / "plain", compress=False)
+    for key in ("warped", "fixed_segmentation", "moving_segmentation", "warped_moving_segmentation", "jacobian"):
+        a, b = sitk.ReadImage(str(packed[key])), sitk.ReadImage(str(plain[key]))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), err_msg=key)
+        assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection(), key
+        raw = len(gzip.decompress(plain[key].read_bytes()))
+        assert plain[key].stat().st_size > raw, key            # stored: the stream is larger than the data
+
+
 def test_segmentations_live_on_their_own_grids(tiny_model):
     fixed = sample_on(grid_for("anisotropic"), phantom_array)
     moving = sample_on(grid_for("flipped", center=(3, 0, -2)), phantom_array)
