@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -315,8 +316,10 @@ def _merge_after_barrier(out: Path, rank: int, world: int, order: dict[str, int]
 # ------------------------------------------------------------------------------------------- processes, threads
 
 def _gpu_present() -> bool:
-    """Whether an NVIDIA GPU is visible, without importing torch (the parent of the workers never does)."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+    """Whether an NVIDIA GPU is likely there, without importing torch (the parent of the workers never does):
+    the Linux driver's GPU list, else the driver's nvidia-smi on the PATH (Windows, WSL2)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or shutil.which("nvidia-smi") is not None
 
 
 def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) -> dict:
@@ -339,7 +342,8 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
     else:
         workers = budget
         why = (f"auto: {threads['cores']} cores, {threads['busy_cores']:g} busy with other work"
-               if threads["source"] == "auto" else f"auto: {budget} threads from {threads['source']}")
+               if threads["source"] == "auto" else
+               f"auto: {budget} thread{'s' if budget != 1 else ''} from {threads['source']}")
         if threads["workers"] > 1:
             why += f", shared by {threads['workers']} ranks"
         available = available_memory_bytes()

@@ -29,6 +29,8 @@ from pathlib import Path
 from .errors import JointRegSegError
 
 _STOP_GRACE_S = 10.0
+_UNWIND_S = 1.0
+_PARENT_POLL_S = 1.0
 _START_FAILURES_TOLERATED = 3
 # run options that do not cross to a worker (argparse's own objects)
 _LOCAL_ONLY = ("func", "row_options")
@@ -88,10 +90,10 @@ def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, fini
         unfinished -= 1
         finished(todo[index][0], {"status": "failed", "seconds": "", "error": error})
 
-    for _ in range(plan["workers"]):
-        start()
     completed = False
     try:
+        for _ in range(plan["workers"]):
+            start()
         while unfinished:
             try:
                 number, event = events.get(timeout=1.0)
@@ -110,7 +112,9 @@ def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, fini
                 finished(todo[index][0], event["row"])
                 give_work(worker)
             elif kind == "fatal":
-                raise JointRegSegError(f"a batch worker could not start: {event.get('error')}")
+                if not anyone_ready:   # the model cannot be loaded: every worker would say the same
+                    raise JointRegSegError(f"a batch worker could not start: {event.get('error')}")
+                sys.stderr.write(f"jointregseg batch: a new worker could not start: {event.get('error')}\n")
             elif kind == "exit":
                 del workers[number]
                 code = event.get("code")
@@ -133,6 +137,9 @@ def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, fini
         completed = True
     finally:
         _stop(list(workers.values()), graceful=completed)
+        for worker in workers.values():     # stopped while computing (a kill may have left its staging)
+            if worker.index is not None:
+                _remove_staging(todo[worker.index][1])
 
 
 def _portable(pair_args: argparse.Namespace) -> dict:
@@ -145,6 +152,8 @@ def _read_events(worker: _Worker, events: queue.Queue) -> None:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):     # something printed before the protocol took the stdout
             sys.stderr.write(line)
             continue
         events.put((worker.number, event))
@@ -161,8 +170,10 @@ def _close_stdin(worker: _Worker) -> None:
 def _remove_staging(pair_args) -> None:
     """What a killed worker left half staged for this pair (`imageio.staged_output_dir`'s folder)."""
     out = Path(pair_args.out)
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    prefix = f".{out.name}.partial-"       # compared as text: a pair's name may hold glob characters
+    for leftover in out.parent.iterdir() if out.parent.is_dir() else ():
+        if leftover.name.startswith(prefix) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _stop(workers: list, graceful: bool) -> None:
@@ -170,12 +181,14 @@ def _stop(workers: list, graceful: bool) -> None:
     stopped (SIGTERM unwinds them, so a pair being written leaves nothing behind)."""
     for worker in workers:
         _close_stdin(worker)
-    if graceful:
-        for worker in workers:
-            try:
-                worker.process.wait(timeout=_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
+    # told to end: they finish; interrupted: a Ctrl-C from the terminal reached them too and they are
+    # unwinding already, so they get a moment before SIGTERM
+    wait_s = _STOP_GRACE_S if graceful else _UNWIND_S
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
     for worker in workers:
         if worker.process.poll() is None:
             worker.process.terminate()
@@ -191,6 +204,18 @@ def _stop(workers: list, graceful: bool) -> None:
 
 def _stop_on_sigterm(_signum, _frame):
     raise SystemExit(143)   # unwinds like Ctrl-C, so staged outputs are removed
+
+
+def _watch_parent() -> None:
+    """SIGTERM to this worker once the batch process that started it is gone (killed mid-pair, a worker
+    would otherwise compute on, holding memory and the batch's stderr, until it next reads its stdin)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(_PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="jointregseg-parent-watch").start()
 
 
 def serve(argv=None) -> int:
@@ -210,7 +235,12 @@ def serve(argv=None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     def send(event: dict) -> None:
-        events.write(json.dumps(event) + "\n")
+        try:
+            events.write(json.dumps(event) + "\n")
+        except OSError:                    # the parent is gone: nobody to tell
+            raise SystemExit(1) from None
+
+    _watch_parent()
 
     try:
         from .cli import quiet_known_warnings

@@ -307,7 +307,8 @@ def _say_cancelled(args) -> None:
         print(f"jointregseg: cancelled; pairs finished before are kept and listed in {Path(args.out) / 'summary.csv'}, "
               "the pairs being computed left nothing", file=sys.stderr)
     else:
-        print("jointregseg: cancelled; nothing was written", file=sys.stderr)
+        print("jointregseg: cancelled; the output folder holds all of this run's outputs or none of them",
+              file=sys.stderr)
 
 
 def quiet_known_warnings() -> None:

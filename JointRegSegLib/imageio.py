@@ -356,14 +356,20 @@ def staged_output_dir(out_dir: str | os.PathLike, replace: set | list | tuple | 
 
     Each file lands with os.replace, so no reader ever sees a half-written output. `replace`: names of
     an earlier run's outputs to remove from `out_dir` when this run did not write them again (so old and
-    new outputs never mix). SIGINT/SIGTERM are held back while files move, then delivered.
+    new outputs never mix). SIGINT/SIGTERM are held back while files move and the staging folder goes,
+    then delivered.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield staging
+    except BaseException:
         with _signals_held():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    with _signals_held():
+        try:
             out_dir.mkdir(exist_ok=True)
             fresh = {item.name for item in staging.iterdir()}
             for name in sorted(set(replace or ()) - fresh):
@@ -372,33 +378,41 @@ def staged_output_dir(out_dir: str | os.PathLike, replace: set | list | tuple | 
                     stale.unlink()
             for item in sorted(staging.iterdir()):
                 os.replace(item, out_dir / item.name)
-    finally:
-        with _signals_held():
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM that arrive inside the block are recorded and delivered after it. Python runs its
-    signal handlers in the main thread whichever thread the kernel picked, so masking the signals in the
-    main thread (pthread_sigmask) would not stop a handler from raising between two moves; swapping the
-    handlers does. Only the main thread can swap them; elsewhere the block runs as it is."""
+    """SIGINT and SIGTERM that arrive inside the block are recorded and delivered after it, each one. Python
+    runs its signal handlers in the main thread whichever thread the kernel picked, so masking the signals
+    in the main thread (pthread_sigmask) would not stop a handler from raising between two moves; swapping
+    the handlers does. Only the main thread can swap them; elsewhere the block runs as it is."""
     import signal
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught, previous = [], {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is None:          # installed outside Python: cannot be put back, so left alone
-            continue
-        previous[sig] = handler
-        signal.signal(sig, lambda number, _frame: caught.append(number))
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is None:          # installed outside Python: cannot be put back, so left alone
+                continue
+            previous[sig] = handler
+            signal.signal(sig, lambda number, _frame: caught.append(number))
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
+        _deliver(list(dict.fromkeys(caught)))
+
+
+def _deliver(signals: list) -> None:
+    """Raise each signal in turn; a handler that raises does not keep the next one from being delivered."""
+    import signal
+    if signals:
+        try:
+            signal.raise_signal(signals[0])
+        finally:
+            _deliver(signals[1:])

@@ -208,29 +208,42 @@ def test_batch_workers_match_one_process_and_a_killed_worker_fails_only_its_pair
     assert (out / "a" / "qc.json").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs FIFOs and process groups")
-def test_ctrl_c_stops_every_batch_worker_and_keeps_finished_pairs(cohort):
-    """Ctrl-C (SIGINT to the terminal's process group) during a batch with workers: exit code 130, the finished
-    pair stays done, the pair being computed is `cancelled` and left nothing, no worker is left running."""
-    import signal
+def _stuck_batch(cohort):
+    """A 2-worker batch (its own process group) whose pair "a" is done and whose pair "stuck" is being read
+    from a FIFO nobody writes: (process, out folder)."""
     import time
     folder, write_csv, model = cohort
-    os.mkfifo(folder / "images" / "stuck.nii.gz")    # a read that never ends: that pair is being computed
+    os.mkfifo(folder / "images" / "stuck.nii.gz")
     pairs = write_csv([("a", "images/m.nrrd", "images/f.nii.gz"), ("stuck", "images/stuck.nii.gz", "images/f.nii.gz")])
     out = folder / "out"
     command = [sys.executable, "-m", "JointRegSegLib", "batch", "--pairs", str(pairs), "--out", str(out), "--model",
-               str(model), "--no-affine", "--workers", "2", "--threads", "1"]
+               str(model), "--no-affine", "--workers", "2", "--threads", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "summary.csv").is_file() and _summary(out).get("a", {}).get("status") == "done":
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)   # the other worker is inside the stuck read by now
+    return process, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs FIFOs and process groups")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-batch-only"])
+def test_stopping_a_batch_stops_every_worker_and_keeps_finished_pairs(cohort, how):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the batch process alone (a scheduler's
+    kill: then only the batch can stop its workers): exit code 130, the finished pair stays done, the pair
+    being computed is `cancelled` and left nothing, no process of the batch is left."""
+    import signal
+    import time
+    process, out = _stuck_batch(cohort)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if (out / "summary.csv").is_file() and _summary(out).get("a", {}).get("status") == "done":
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)   # the other worker is inside the stuck read by now
-        os.killpg(process.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -244,6 +257,35 @@ def test_ctrl_c_stops_every_batch_worker_and_keeps_finished_pairs(cohort):
     while _live_in_group(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _live_in_group(process.pid), "a batch process outlived the batch"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs FIFOs and process groups")
+def test_workers_stop_by_themselves_when_the_batch_process_is_killed(cohort):
+    """SIGKILL to the batch process (nothing of it can clean up): its workers notice and stop within seconds
+    instead of computing on."""
+    import signal
+    import time
+    process, _out = _stuck_batch(cohort)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 15
+    while _live_in_group(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _live_in_group(process.pid)
+    for pid in left:   # a failing run must not leave them behind
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a worker outlived its batch process"
+
+
+def test_a_dead_workers_leftovers_are_found_by_name_not_by_pattern(tmp_path):
+    """A pair named with glob characters: only its own half-staged folder is removed."""
+    from JointRegSegLib.batch_workers import _remove_staging
+    for name in (".sub[1].partial-x1", ".sub1.partial-y2", ".s*.partial-z3", ".sa.partial-w4"):
+        (tmp_path / name).mkdir()
+    _remove_staging(__import__("argparse").Namespace(out=str(tmp_path / "sub[1]")))
+    _remove_staging(__import__("argparse").Namespace(out=str(tmp_path / "s*")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sa.partial-w4", ".sub1.partial-y2"]
 
 
 def _live_in_group(pgid: int) -> list[int]:
@@ -300,16 +342,18 @@ def test_a_model_the_workers_cannot_load_stops_the_batch_with_its_message(cohort
     err = capsys.readouterr().err
     assert "a batch worker could not start" in err and "checksum" in err, err[-2000:]
     assert [row["status"] for row in _summary(out).values()] == ["pending", "pending"]
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _is_our_worker(p)]
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _is_worker_of(p, broken)]
 
 
-def _is_our_worker(cmdline: Path) -> bool:
+def _is_worker_of(cmdline: Path, model: Path) -> bool:
+    """A live batch worker process started for `model` (this test's own file)."""
     try:
         text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         stat = (cmdline.parent / "stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
-    return "JointRegSegLib.batch_workers" in text and stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return ("JointRegSegLib.batch_workers" in text and str(model) in text
+            and stat.rsplit(")", 1)[1].split()[0] != "Z")
 
 
 @pytest.mark.slow

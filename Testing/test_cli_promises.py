@@ -320,3 +320,52 @@ def test_default_suite_skips_slow_tests_and_ci_runs_them():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert "make test-all" in ci
     assert "slow or not slow" in (REPO / "Makefile").read_text(encoding="utf-8")
+
+
+def test_signals_during_the_final_moves_are_delivered_after_them_each_one():
+    """SIGINT and SIGTERM arriving while outputs move into place wait for the moves, then each reaches its
+    handler, even when the first handler raises; the handlers are put back."""
+    from JointRegSegLib.imageio import _signals_held
+    seen = []
+
+    def interrupt(number, _frame):
+        seen.append(number)
+        raise KeyboardInterrupt
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, interrupt),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda number, _frame: seen.append(number))}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                assert seen == []                      # held while the block runs
+        assert seen == [signal.SIGINT, signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM's default action")
+def test_a_sigterm_during_the_final_moves_leaves_all_outputs_and_no_staging(tmp_path):
+    """The default SIGTERM (a process killed by a scheduler) arriving in the middle of the moves: the moves
+    finish, the staging folder goes, then the process ends."""
+    script = ("import os, signal\n"
+              "from pathlib import Path\n"
+              "from JointRegSegLib import imageio\n"
+              "real = os.replace\n"
+              "def replace(a, b):\n"
+              "    real(a, b)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "os.replace = replace\n"
+              "with imageio.staged_output_dir(Path('out')) as staging:\n"
+              "    for name in ('a.txt', 'b.txt', 'c.txt'):\n"
+              "        (staging / name).write_text(name)\n"
+              "print('NOT REACHED')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "NOT REACHED" not in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
