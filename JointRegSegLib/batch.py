@@ -347,7 +347,7 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
         if threads["workers"] > 1:
             why += f", shared by {threads['workers']} ranks"
         available = available_memory_bytes()
-        needed = max((n for n in map(lambda job: _memory_or_none(job[1], card), todo[:32]) if n), default=None)
+        needed = max((n for n in (_memory_or_none(job[1], card) for job in todo[:32]) if n), default=None)
         if available and needed and available // needed < workers:
             workers = int(available // needed)
             why += f", {available / 1024 ** 3:.1f} GB free for {needed / 1024 ** 3:.1f} GB per pair"
@@ -448,8 +448,15 @@ def _cmd_batch(args) -> int:
 
             def show_running():
                 bar.set_postfix_str(", ".join(name for name, row in rows.items() if row["status"] == "running"))
-            run_in_workers(todo, plan, args, (local_rank, world), lambda pair: (started(pair), show_running()),
-                           lambda pair, row: (finished(pair, row), show_running()))
+
+            def started_shown(pair):
+                started(pair)
+                show_running()
+
+            def finished_shown(pair, row_update):
+                finished(pair, row_update)
+                show_running()
+            run_in_workers(todo, plan, args, (local_rank, world), started_shown, finished_shown)
         else:
             _run_here(todo, plan, args, local_rank, world, bar, started, finished)
     except BaseException as err:

@@ -229,9 +229,8 @@ def serve(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--trust-unsigned", action="store_true")
     options = parser.parse_args(argv)
-    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    os.dup2(2, 1)                     # whatever libraries print goes to stderr, never into the protocol
-    sys.stdout = sys.stderr
+    from .worker import events_on_stdout
+    events = events_on_stdout()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     def send(event: dict) -> None:

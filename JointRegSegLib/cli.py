@@ -111,25 +111,34 @@ def check_run_resources(args) -> None:
     """Before reading any voxel: the output folder is usable and the run fits in memory."""
     from .imageio import check_memory, check_output_dir
     check_output_dir(args.out, overwrite=bool(getattr(args, "overwrite", False)), known=_known_outputs())
-    needed = run_memory_bytes(args)
-    if needed is not None:
+    fixed, moving = _headers(args)
+    if fixed and moving:
         limit = None if args.max_memory is None else int(args.max_memory * 1024 ** 3)
-        from .imageio import read_image_information
-        size = read_image_information(args.fixed, "fixed")["size"]
-        check_memory(needed, limit, f"registering a {'x'.join(map(str, size))} fixed volume")
+        check_memory(_memory_needed(fixed, moving, _card_of(args)), limit,
+                     f"registering a {'x'.join(map(str, fixed['size']))} fixed volume")
 
 
 def run_memory_bytes(args, card: dict | None = None) -> int | None:
     """The estimated peak memory of `run` on args.moving / args.fixed, from the file headers (None when a
     header cannot tell, e.g. a DICOM folder)."""
-    from .card import read_card
-    from .imageio import estimate_run_memory_bytes, read_image_information
-    fixed = read_image_information(args.fixed, "fixed")
-    moving = read_image_information(args.moving, "moving")
+    fixed, moving = _headers(args)
     if not (fixed and moving):
         return None
-    if card is None:
-        card = read_card(args.model) if not hasattr(args.model, "card") else args.model.card
+    return _memory_needed(fixed, moving, card if card is not None else _card_of(args))
+
+
+def _headers(args) -> tuple[dict, dict]:
+    from .imageio import read_image_information
+    return read_image_information(args.fixed, "fixed"), read_image_information(args.moving, "moving")
+
+
+def _card_of(args) -> dict:
+    from .card import read_card
+    return read_card(args.model) if not hasattr(args.model, "card") else args.model.card
+
+
+def _memory_needed(fixed: dict, moving: dict, card: dict) -> int:
+    from .imageio import estimate_run_memory_bytes
     working = 1
     for n in card["working_grid"]["size"]:
         working *= int(n)

@@ -127,8 +127,8 @@ def _labels_in_box_affine(probs: np.ndarray, lo, hi, matrix: np.ndarray, offset:
     x = torch.arange(extent[0], dtype=torch.float64)[None, :, None] * step[0]
     y = torch.arange(extent[1], dtype=torch.float64)[:, None, None] * step[1]
     # continuous (x, y, z) grid index -> cell; the order of the grid's axes in the arrays is z, y, x
-    cells_last = torch.tensor([grid_size[2] - 2, grid_size[1] - 2, grid_size[0] - 2], dtype=torch.float64)
-    buffer_end = torch.tensor([grid_size[2], grid_size[1], grid_size[0]], dtype=torch.float64) - 0.5
+    sizes = torch.tensor(grid_size[::-1], dtype=torch.float64)          # x, y, z
+    cells_last, buffer_end = sizes - 2, sizes - 0.5
     strides = torch.tensor([1, grid_size[2] - 1, (grid_size[2] - 1) * (grid_size[1] - 1)], dtype=torch.int64)
     planes = max(1, _POINTS_PER_STEP // max(1, extent[0] * extent[1]))
     for z0 in range(0, extent[2], planes):

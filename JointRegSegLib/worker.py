@@ -434,6 +434,15 @@ def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send
           "worker": {"pid": os.getpid(), "model_loads": cache.loads, "requests": cache.requests}})
 
 
+def events_on_stdout():
+    """The process's original stdout as a line-buffered text file for protocol events (JSON lines); file
+    descriptor 1 and sys.stdout then go to stderr, so whatever libraries print never enters the protocol."""
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return events
+
+
 def serve(stdin=None) -> int:
     """The warm worker's loop: JSON requests on stdin, JSON events on the original stdout.
 
@@ -442,11 +451,9 @@ def serve(stdin=None) -> int:
     and deleted)}}, {"command": "cancel", "id": ID}, {"command": "quit"}.
     Events: ready, progress, done, cancelled, failed (with "error").
     """
-    import warnings
+    from .cli import quiet_known_warnings
     stdin = stdin or sys.stdin
-    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    os.dup2(2, 1)                     # whatever libraries print goes to stderr, never into the protocol
-    sys.stdout = sys.stderr
+    events = events_on_stdout()
     send_lock = threading.Lock()
 
     def send(message: dict) -> None:
@@ -454,8 +461,7 @@ def serve(stdin=None) -> int:
             events.write(json.dumps(message) + "\n")
             events.flush()
 
-    warnings.filterwarnings("ignore", message=".*native grid_sample.*")
-    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+    quiet_known_warnings()
     import torch  # noqa: F401  (the expensive imports, once)
     from . import pipeline  # noqa: F401
     requests: queue.Queue = queue.Queue()

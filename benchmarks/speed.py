@@ -44,22 +44,11 @@ from JointRegSegLib.data.label_table import LABEL_TABLE  # noqa: E402
 from JointRegSegLib.evaluation.evaluate import read_pairs  # noqa: E402
 
 
-def timed(command: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB, stderr tail) of one whole process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, stderr = process.communicate()
-    wall = time.perf_counter() - started
-    # the peak comes from /usr/bin/time (RUSAGE_CHILDREN would be the max over every child so far)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} failed ({process.returncode}): {stderr[-2000:]}")
-    return wall, _peak_from_time(stderr), stderr[-2000:]
-
-
-def timed_tree(command: list[str], env: dict, interval: float = 0.1) -> tuple[float, float, str]:
-    """(wall seconds, peak MB of the summed resident memory of the process and all its descendants, stderr
-    tail): `batch` with several workers is several processes, and /usr/bin/time reports only the largest.
-    Sampled every `interval` s from /proc (a little CPU of this benchmark process)."""
+def timed(command: list[str], env: dict, whole_tree: bool = False, interval: float = 0.1) -> tuple[float, float, str]:
+    """(wall seconds, peak MB, stderr tail) of one whole process. The peak: the process's resident set from
+    /usr/bin/time (put in front of `command`), or with `whole_tree` the summed resident memory of the process
+    and all its descendants, sampled every `interval` s from /proc (`batch` with several workers is several
+    processes, and /usr/bin/time reports only the largest; the sampling takes a little CPU here)."""
     import threading
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -68,15 +57,17 @@ def timed_tree(command: list[str], env: dict, interval: float = 0.1) -> tuple[fl
     def sample():
         while not done.wait(interval):
             peak[0] = max(peak[0], _tree_rss_mb(process.pid))
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = threading.Thread(target=sample, daemon=True) if whole_tree else None
+    if sampler is not None:
+        sampler.start()
     _, stderr = process.communicate()
     wall = time.perf_counter() - started
     done.set()
-    sampler.join()
+    if sampler is not None:
+        sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed ({process.returncode}): {stderr[-2000:]}")
-    return wall, peak[0], stderr[-4000:]
+    return wall, peak[0] if whole_tree else _peak_from_time(stderr), stderr[-4000:]
 
 
 def _tree_rss_mb(root: int) -> float:
@@ -177,9 +168,9 @@ def main(argv=None) -> int:
             writer.writerow([pair.name, str(pair.moving), str(pair.fixed)])
     # batch with its default workers (`--workers auto`): the same T threads as every other process, split
     # between worker processes (T = 2: 2 workers x 1 thread)
-    batch_s, batch_peak, batch_err = timed_tree(jointregseg + ["batch", "--pairs", str(batch_csv), "--out",
-                                                               str(work / "batch"), "--threads", threads] + model,
-                                                env)
+    batch_s, batch_peak, batch_err = timed(jointregseg + ["batch", "--pairs", str(batch_csv), "--out",
+                                                          str(work / "batch"), "--threads", threads] + model, env,
+                                           whole_tree=True)
     batch_plan = next((line.split(", device ")[-1].split(" ", 1)[-1] for line in batch_err.splitlines()
                        if "worker process" in line), "?")
     one_s, one_peak, _ = timed(time_cmd + jointregseg + ["batch", "--pairs", str(batch_csv), "--out",
