@@ -124,16 +124,20 @@ def _gaussian_blur(image: torch.Tensor, sigmas) -> torch.Tensor:
 
 
 def render(generation: torch.Tensor, rng: np.random.Generator, settings: SynthesisSettings,
-           real_image: torch.Tensor | None = None, mixture_seed: int | None = None) -> torch.Tensor:
+           real_image: torch.Tensor | None = None, mixture_seed: int | None = None,
+           real_where: torch.Tensor | None = None) -> torch.Tensor:
     """An intensity image (1, 1, z, y, x) in about [0, 1] from warped generation labels (and optionally the
     warped real image); 0 outside the brain. `mixture_seed` fixes the Gaussian mixture (two images of one
-    source rendered with the same seed share a contrast)."""
+    source rendered with the same seed share a contrast). `real_where` (bool, with `real_image`): the real
+    image only there, the mixture elsewhere (a real brain inside a synthetic head)."""
     brain = generation > 0
     if real_image is not None:
-        foreground = real_image[brain]
+        region = brain if real_where is None else real_where & brain
+        foreground = real_image[region]
         high = torch.quantile(foreground[:: max(1, foreground.numel() // 100_000)], 0.995) if foreground.numel() else 1
         image = real_image / max(float(high), 1e-6)
-    else:
+    if real_image is None or real_where is not None:
+        real = image if real_image is not None else None
         classes = int(generation.max()) + 1
         mixture = rng if mixture_seed is None else np.random.default_rng(mixture_seed)
         classes = max(classes, 256) if mixture_seed is not None else classes   # same draws whatever the max label
@@ -142,6 +146,8 @@ def render(generation: torch.Tensor, rng: np.random.Generator, settings: Synthes
         labels = generation.long()
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
         image = means[labels] + spreads[labels] * torch.randn(labels.shape, generator=generator).to(labels.device)
+        if real is not None:
+            image = torch.where(real_where, real, image)
     image = image * brain
     image = _gaussian_blur(image, rng.uniform(*settings.blur_voxels, 3))
     if rng.random() < settings.anisotropy_probability:

@@ -35,3 +35,53 @@ def _entries() -> list[dict]:
 
 LABEL_TABLE = _entries()
 STRUCTURE_VALUES = {(e["name"].split(" ", 1)[0], e["name"].split(" ", 1)[1]): e["value"] for e in LABEL_TABLE[1:]}
+
+# The whole-brain set (FreeSurfer aseg structures the offline DK/Destrieux and Neuromorphometrics maps carry).
+# Values 1-14 are the 7-structure table's, unchanged, so guide labels and figures on those carry over.
+WHOLE_BRAIN_SIDED = [
+    ("cerebral white matter", ["SCT", "68523003", "Cerebral white matter"], (0.96, 0.93, 0.80)),
+    ("cerebral cortex", ["SCT", "40146001", "Cerebral cortex"], (0.80, 0.24, 0.31)),
+    ("lateral ventricle", ["SCT", "66720007", "Lateral ventricle"], (0.47, 0.07, 0.53)),
+    ("accumbens", ["SCT", "279215006", "Nucleus accumbens"], (1.0, 0.65, 0.0)),
+    ("ventral diencephalon", ["SCT", "62137007", "Diencephalon"], (0.65, 0.16, 0.16)),
+]
+WHOLE_BRAIN_MIDLINE = [
+    ("third ventricle", ["SCT", "49688004", "Third ventricle"], (0.8, 0.71, 0.55)),
+    ("fourth ventricle", ["SCT", "35918002", "Fourth ventricle"], (0.16, 0.8, 0.96)),
+    ("brainstem", ["SCT", "15926001", "Brainstem"], (0.47, 0.72, 0.52)),
+    ("cerebrospinal fluid", ["SCT", "65216001", "Cerebrospinal fluid"], (0.24, 0.24, 0.24)),
+]
+# Left and right of a structure get clearly different colours (left: the hue; right: a rotated hue of the
+# same lightness), so a reader of the QC picture never tells sides apart by shade alone.
+
+
+def _right_colour(colour) -> list:
+    import colorsys
+    h, l, s = colorsys.rgb_to_hls(*colour)
+    return [round(c, 3) for c in colorsys.hls_to_rgb((h + 0.12) % 1.0, l, s)]
+
+
+def _whole_brain_entries() -> list[dict]:
+    table = [dict(e, color=list(e["color"])) for e in _entries()]
+    for entry in table[1:]:
+        if entry["name"].startswith("right "):
+            name = entry["name"].split(" ", 1)[1]
+            colour = next(c for n, _, c in STRUCTURES if n == name)
+            entry["color"] = _right_colour(colour)
+    value = len(table)
+    for name, sct_type, colour in WHOLE_BRAIN_SIDED:
+        for side in ("left", "right"):
+            table.append({"value": value, "name": f"{side} {name}",
+                          "color": list(colour) if side == "left" else _right_colour(colour),
+                          "terminology": {"category": ANATOMICAL_STRUCTURE, "type": sct_type,
+                                          "modifier": SIDES[side]}})
+            value += 1
+    for name, sct_type, colour in WHOLE_BRAIN_MIDLINE:
+        table.append({"value": value, "name": name, "color": list(colour),
+                      "terminology": {"category": ANATOMICAL_STRUCTURE, "type": sct_type}})
+        value += 1
+    return table
+
+
+WHOLE_BRAIN_TABLE = _whole_brain_entries()
+WHOLE_BRAIN_VALUES = {e["name"]: e["value"] for e in WHOLE_BRAIN_TABLE[1:]}

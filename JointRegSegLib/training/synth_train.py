@@ -42,6 +42,7 @@ from ..checkpoint import load_model, new_model, save_model
 from ..device import resolve_device
 from ..intensity import normalize
 from ..progress import Reporter
+from .partial_labels import partial_label_loss
 from .training_log import open_training_log
 from ..data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid
 from ..data.label_table import LABEL_TABLE
@@ -49,36 +50,45 @@ from ..data.label_table import LABEL_TABLE
 TRAIN_AFFINE_SCHEDULE = ((4, 40), (2, 20))
 
 
-def load_sources(data_dir: Path):
-    """Training sources from `data_dir/sources.npz` (built from the offline packages on first use)."""
-    from ..data import atlas_sources
+def load_sources(data_dir: Path, kind: str = "subcortical"):
+    """Training sources from `data_dir/sources.npz` (built from the offline packages on first use).
+    `kind`: "subcortical" (the 7-structure table, `atlas_sources`) or "whole-brain" (partial labels,
+    brain masks and the ITK head, `wholebrain_sources`)."""
+    from ..data import atlas_sources, wholebrain_sources
+    if kind not in ("subcortical", "whole-brain"):
+        raise ValueError(f"sources {kind!r}: choose 'subcortical' or 'whole-brain'")
     data_dir = Path(data_dir)
     path = data_dir / "sources.npz"
     meta_path = data_dir / "sources.json"
     if not path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
-        sources = atlas_sources.training_sources()
+        sources = (wholebrain_sources if kind == "whole-brain" else atlas_sources).training_sources()
         arrays = {}
         for s in sources:
-            arrays[f"{s.name}/generation"] = s.generation
-            if s.target is not None:
-                arrays[f"{s.name}/target"] = s.target
-            if s.image is not None:
-                arrays[f"{s.name}/image"] = s.image
+            for key in ("generation", "target", "image", "brain"):
+                if getattr(s, key, None) is not None:
+                    arrays[f"{s.name}/{key}"] = getattr(s, key)
         tmp = data_dir / "sources.tmp.npz"
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
         meta = [{"name": s.name, "provenance": s.provenance, "licence": s.licence,
-                 "has_target": s.target is not None, "has_image": s.image is not None} for s in sources]
-        meta_path.write_text(json.dumps({"grid": atlas_sources.COMMON_GRID, "sources": meta}, indent=2),
+                 "has_target": s.target is not None, "has_image": s.image is not None,
+                 **({"known": list(s.known), "head": s.head} if kind == "whole-brain" else {})} for s in sources]
+        meta_path.write_text(json.dumps({"grid": atlas_sources.COMMON_GRID, "kind": kind, "sources": meta}, indent=2),
                              encoding="utf-8")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("kind", "subcortical") != kind:
+        raise ValueError(f"{data_dir} holds {meta.get('kind', 'subcortical')} sources, not {kind}: use another --data folder")
     arrays = np.load(path)
     sources = []
     for m in meta["sources"]:
         get = lambda key: arrays[f"{m['name']}/{key}"] if f"{m['name']}/{key}" in arrays else None
-        sources.append(atlas_sources.SynthSource(m["name"], get("generation"), get("target"), get("image"),
-                                                 m["provenance"], m["licence"]))
+        common = (m["name"], get("generation"), get("target"), get("image"), m["provenance"], m["licence"])
+        if kind == "whole-brain":
+            sources.append(wholebrain_sources.PartialSource(*common, known=tuple(m["known"]), brain=get("brain"),
+                                                            head=m["head"]))
+        else:
+            sources.append(atlas_sources.SynthSource(*common))
     return sources, meta
 
 
@@ -95,6 +105,30 @@ def synth_card(config: dict, meta: dict) -> dict:
         "segmentation": config.get("segmentation", {"mode": "fusion", "largest_component": True}),
         "refinement": config.get("refinement", {"similarity": "lncc", "smoothness": 1.0, "learning_rate": 0.05}),
     }
+
+
+def relabelled_model(parent, config: dict):
+    """`parent` with the segmentation network re-made for the label table config["labels"] names
+    ("whole-brain": `WHOLE_BRAIN_TABLE`): the registration, affine and every segmentation weight whose shape
+    still fits are kept (the last layer, one channel per class, starts afresh); the card keeps the parent's
+    pre-alignment and inference settings and says what changed."""
+    from ..data.label_table import WHOLE_BRAIN_TABLE
+    if config.get("labels") != "whole-brain":
+        raise ValueError("a segmentation-only run needs \"labels\": \"whole-brain\" in its config")
+    card = copy.deepcopy(parent.card)
+    for key in ("weights_sha256", "parameter_count", "metrics"):
+        card.pop(key, None)
+    card.update({"name": config["name"], "description": config.get("description", ""),
+                 "labels": copy.deepcopy(WHOLE_BRAIN_TABLE), "modality": config.get("modality", card.get("modality")),
+                 "parent": {"name": parent.card.get("name"), "weights_sha256": parent.card.get("weights_sha256")}})
+    for key in ("segmentation", "inference", "brain_mask"):
+        if key in config:
+            card[key] = copy.deepcopy(config[key])
+    model = new_model(card, seed=int(config.get("seed", 0)))
+    own = model.network.state_dict()
+    kept = {k: v for k, v in parent.network.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.network.load_state_dict(kept, strict=False)
+    return model
 
 
 def onehot(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -166,9 +200,14 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     reporter = Reporter(progress, cancel)
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
-    sources, meta = load_sources(Path(data_dir))
+    segmentation_only = config.get("parts", ["registration", "segmentation"]) == ["segmentation"]
+    sources, meta = load_sources(Path(data_dir), config.get("sources", "subcortical"))
     settings = SynthesisSettings(**config.get("synthesis", {}))
-    synthesizer = BrainSynthesizer(sources, settings, dev)
+    if segmentation_only:
+        from ..data.head_layers import HeadSettings, HeadSynthesizer
+        synthesizer = HeadSynthesizer(sources, settings, dev, HeadSettings(**config.get("head", {})))
+    else:
+        synthesizer = BrainSynthesizer(sources, settings, dev)
     pairs = SynthPairs(synthesizer, config["intensity"], tuple(tuple(s) for s in config.get(
         "train_affine_schedule", TRAIN_AFFINE_SCHEDULE)), same_contrast_probability=config.get(
         "same_contrast_probability", 0.7), same_anatomy_probability=config.get("same_anatomy_probability", 0.0))
@@ -179,6 +218,8 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     if partial.is_file() and state_path.is_file():
         model = load_model(partial, dev)
         start = json.loads(state_path.read_text(encoding="utf-8"))["next_step"]
+    elif init is not None and segmentation_only:
+        model = relabelled_model(load_model(init, dev), config)
     elif init is not None:
         model = load_model(init, dev)
     else:
@@ -186,7 +227,7 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     net = model.network.to(dev).train()
     weights = {"dice": 1.0, "smooth": 1.0, "segmentation": 1.0, "image": 0.0, "flow": 0.0, **config.get("weights", {})}
     lr = config.get("lr", 1e-3)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.segmentation.parameters() if segmentation_only else net.parameters(), lr=lr)
     steps = int(config["steps"])
     train_passes = int(config.get("train_passes", 1))
     flow_pairs = config.get("flow_pairs", "all")
@@ -203,10 +244,32 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     log, writer = open_training_log(log_path, start)
     rng = np.random.default_rng(seed * 1_000_003 + start)
     began = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        reporter.update("train synth", (step + 1) / steps)
+        if (step + 1) % int(config.get("checkpoint_every", 50)) == 0 or step + 1 == steps:
+            log.flush()
+            save_model(model, partial)
+            state_path.write_text(json.dumps({"next_step": step + 1, "of": steps}), encoding="utf-8")
+
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:   # cosine decay to 10 % over the run
                 group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            if segmentation_only:
+                # one subject a step, head or brain, any contrast: the segmentation (and brain mask) alone
+                subject = synthesizer.sample_head(rng)
+                terms = {"segmentation": partial_label_loss(net.segment(normalize(subject.image, config["intensity"])),
+                                                            subject.target, subject.brain, subject.known)}
+                loss = terms["segmentation"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                writer.writerow([step, f"{subject.source}{'+head' if subject.head else ''}", f"{float(loss.detach()):.5f}",
+                                 json.dumps({k: round(float(v.detach()), 5) for k, v in terms.items()}),
+                                 f"{time.perf_counter() - began:.1f}"])
+                checkpoint(step)
+                continue
             fixed, fixed_image, moving, moving_subject, theta = pairs.pair(rng)
             # the same recursive cascade as inference (card `inference.passes`), trained end to end on its
             # composed flow: each later pass learns the residual the earlier ones leave, not a fresh pair
@@ -239,11 +302,7 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
             writer.writerow([step, fixed.source, f"{float(loss.detach()):.5f}",
                              json.dumps({k: round(float(v.detach()), 5) for k, v in terms.items()}),
                              f"{time.perf_counter() - began:.1f}"])
-            reporter.update("train synth", (step + 1) / steps)
-            if (step + 1) % int(config.get("checkpoint_every", 50)) == 0 or step + 1 == steps:
-                log.flush()
-                save_model(model, partial)
-                state_path.write_text(json.dumps({"next_step": step + 1, "of": steps}), encoding="utf-8")
+            checkpoint(step)
     finally:
         log.close()
     net.eval()
