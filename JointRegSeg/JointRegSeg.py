@@ -9,6 +9,7 @@ import importlib.metadata
 import logging
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 from typing import Annotated, Optional
@@ -30,7 +31,7 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _candidate)
 
 from JointRegSegLib.card import read_card  # noqa: E402  (needs the path above)
-from JointRegSegLib.errors import Cancelled, CheckpointError, JointRegSegError  # noqa: E402
+from JointRegSegLib.errors import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
 from JointRegSegLib.models import REPO_ROOT, default_model_path, installed_models  # noqa: E402
 
 BROWSE_ITEM = "Browse…"
@@ -40,6 +41,9 @@ SAMPLE_PAIR = {"moving": ("colin27_t1_brain_2mm.nii.gz", "JointRegSeg sample mov
                "fixed": ("itk_subject_t1_brain.nii.gz", "JointRegSeg sample fixed (subject T1)")}
 # Packages Slicer (or the PyTorch extension) provides: installing our requirements must never replace them.
 KEEP_INSTALLED = ("torch", "torchvision", "numpy", "SimpleITK", "scipy", "vtk")
+# MONAI 1.6 (Resources/requirements.txt) needs torch >= 2.8: asked of the PyTorch extension's installer.
+MIN_TORCH_VERSION = "2.8"
+TORCH_REQUIREMENT = f"torch>={MIN_TORCH_VERSION}"
 RESEARCH_NOTICE = ("For research use only. Not a medical device: do not use the results for diagnosis or "
                    "treatment decisions. Check every result visually.")
 # what the engine reports -> what the progress bar says
@@ -133,6 +137,11 @@ OUTPUT_PARAMETERS = {"transform": "outputTransform", "warped": "outputWarpedVolu
 
 
 class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    # Seconds a cancelled run gets to stop by itself before its process tree is killed.
+    cancelGraceSeconds = 10.0
+    # The timer class (qt.QTimer in Slicer; tests give a stand-in).
+    timerClass = None
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -140,6 +149,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self.results = None
         self.finetuneRun = None
+        self.stopping = []               # cancelled runs (jobs, fine-tuning) not yet ended
         self._parameterNode = None
         self._parameterNodeGuiTag = None
 
@@ -155,12 +165,9 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Everything after loading the .ui: connections, observers, parameter node, model and device lists."""
         self.ui = ui
         self.logic = JointRegSegLogic()
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(200)
-        self.pollTimer.connect("timeout()", self.onPoll)
-        self.finetuneTimer = qt.QTimer()
-        self.finetuneTimer.setInterval(500)
-        self.finetuneTimer.connect("timeout()", self.onFinetunePoll)
+        self.pollTimer = self.newTimer(200, self.onPoll)
+        self.finetuneTimer = self.newTimer(500, self.onFinetunePoll)
+        self.stopTimer = self.newTimer(200, self.onStopPoll)
         ui.applyButton.connect("clicked(bool)", self.onApply)
         ui.cancelButton.connect("clicked(bool)", self.onCancel)
         ui.swapButton.connect("clicked(bool)", self.onSwap)
@@ -181,11 +188,24 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
+    def newTimer(self, intervalMs: int, slot):
+        timer = (self.timerClass or qt.QTimer)()
+        timer.setInterval(intervalMs)
+        timer.connect("timeout()", slot)
+        return timer
+
     def cleanup(self) -> None:
+        """Never waits: cancels are sent, and what has not ended is followed (and killed after the grace period)
+        by background threads, as no timer of this widget will run any more."""
+        from JointRegSegLib.worker import reap_in_background
+        for timer in (self.pollTimer, self.finetuneTimer, self.stopTimer):
+            timer.stop()
         self.cancelJob()
-        if self.finetuneRun is not None:
-            self.finetuneRun[0].cancel()
-        self.logic.stopWorker()
+        self.cancelFinetune()
+        stopping, self.stopping = self.stopping, []
+        for item in stopping:
+            reap_in_background(item)
+        self.logic.stopWorker(wait=False, timeout_s=self.cancelGraceSeconds)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -302,6 +322,8 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = None
         if self.job is not None:
             reason = _("A registration is running")
+        elif self.stopping:
+            reason = _("Stopping the cancelled run…")
         elif self.finetuneRun is not None:
             reason = _("Wait for the fine-tuning to finish (or cancel it)")
         elif not (node and node.movingVolume and node.fixedVolume):
@@ -389,16 +411,39 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def cancelJob(self) -> None:
+        """Send the cancel and return at once (never waits for the engine): the stop timer follows the run to
+        its end and kills its process tree if it has not stopped within cancelGraceSeconds."""
         job, self.job = self.job, None
         if job is not None:
             self.pollTimer.stop()
-            job.cancel()
+            self.stopLater(job)
             self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
             self.resetRunControls()
 
+    def stopLater(self, stoppable) -> None:
+        """`stoppable` (a job or a fine-tuning run): request_cancel now, reap from the stop timer."""
+        try:
+            stoppable.request_cancel(self.cancelGraceSeconds)
+        except Exception:                        # noqa: BLE001 (its process may be gone already)
+            logging.exception("JointRegSeg cancel")
+        self.stopping.append(stoppable)
+        self.stopTimer.start()
+
+    def onStopPoll(self) -> None:
+        still = []
+        for item in self.stopping:
+            try:
+                if not item.reap():
+                    still.append(item)
+            except Exception:                    # noqa: BLE001 (a timer slot must not raise)
+                logging.exception("JointRegSeg cancel")
+        self.stopping = still
+        if not still:
+            self.stopTimer.stop()
+            self.updateButtons()
+
     def onCancel(self, *args) -> None:
         if self.job is not None:
-            self.ui.progressBar.setFormat(_("Cancelling…"))
             self.cancelJob()
 
     def onShowJacobian(self, *args) -> None:
@@ -457,7 +502,13 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetuneCancel(self, *args) -> None:
         if self.finetuneRun is not None:
             self.ui.finetuneProgressBar.setFormat(_("Cancelling…"))
-            self.finetuneRun[0].cancel()
+            self.cancelFinetune()
+
+    def cancelFinetune(self) -> None:
+        """Send the cancel and return at once; the fine-tuning timer sees the process end (and the stop timer
+        kills it after the grace period)."""
+        if self.finetuneRun is not None and self.finetuneRun[0] not in self.stopping:
+            self.stopLater(self.finetuneRun[0])
 
     def onFinetunePoll(self) -> None:
         if self.finetuneRun is None:
@@ -547,9 +598,54 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def missingDependencies(cls) -> list:
-        """Requirements not installed at a version that satisfies them (torch: any version)."""
-        missing = [] if cls._satisfied("torch") else ["torch"]
+        """Requirements not installed at a version that satisfies them (torch: MIN_TORCH_VERSION or newer)."""
+        missing = [] if cls._satisfied(TORCH_REQUIREMENT) else [TORCH_REQUIREMENT]
         return missing + [r for r in cls.requirements() if not cls._satisfied(r)]
+
+    @staticmethod
+    def installedTorchVersion() -> Optional[str]:
+        try:
+            return importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    @staticmethod
+    def torchTooOldMessage(version: str) -> str:
+        return _("JointRegSeg needs PyTorch {minimum} or newer; this Slicer has PyTorch {version}. Open the "
+                 "'PyTorch Utils' module, uninstall PyTorch, install it again with the version requirement "
+                 "'>={minimum}', restart Slicer and try again.").format(minimum=MIN_TORCH_VERSION, version=version)
+
+    @staticmethod
+    def installFailedMessage(names) -> str:
+        return _("Could not install {names}, which JointRegSeg needs. Check the internet connection (and proxy "
+                 "settings) and try again; the details are in the Python console.").format(names=", ".join(names))
+
+    def installTorch(self, askConfirmation: bool) -> None:
+        """PyTorch >= MIN_TORCH_VERSION through the PyTorch extension; an older one is never replaced here
+        (other extensions may use it): the message says how."""
+        installed = self.installedTorchVersion()
+        if installed is not None:
+            raise JointRegSegError(self.torchTooOldMessage(installed))
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise JointRegSegError(_("JointRegSeg needs PyTorch. Install the 'PyTorch' extension from the "
+                                     "Extensions Manager, restart Slicer, and try again.")) from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        try:
+            try:
+                torch = torchLogic.installTorch(askConfirmation, torchVersionRequirement=f">={MIN_TORCH_VERSION}")
+            except TypeError:                  # a PyTorch extension without version requirements
+                torch = torchLogic.installTorch(askConfirmation)
+        except (subprocess.CalledProcessError, OSError) as err:
+            logging.error("JointRegSeg: installing PyTorch failed: %s\n%s", err, getattr(err, "output", "") or "")
+            raise JointRegSegError(self.installFailedMessage(["PyTorch"])) from None
+        if torch is None:
+            raise JointRegSegError(_("PyTorch is not installed; JointRegSeg cannot run without it."))
+        importlib.invalidate_caches()
+        installed = self.installedTorchVersion()
+        if installed is not None and not self._satisfied(TORCH_REQUIREMENT):
+            raise JointRegSegError(self.torchTooOldMessage(installed))
 
     @staticmethod
     def constraints() -> str:
@@ -568,16 +664,9 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         Resources/requirements.txt under constraints that keep Slicer's packages (skipped when Slicer runs
         its tests: then a missing package is an error, never a download)."""
         missing = self.missingDependencies()
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise JointRegSegError(_("JointRegSeg needs PyTorch. Install the 'PyTorch' extension from the "
-                                         "Extensions Manager, restart Slicer, and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation) is None:
-                raise JointRegSegError(_("PyTorch is not installed; JointRegSeg cannot run without it."))
-            missing.remove("torch")
+        if TORCH_REQUIREMENT in missing:
+            self.installTorch(askConfirmation)
+            missing.remove(TORCH_REQUIREMENT)
         if not missing:
             return
         with tempfile.TemporaryDirectory(prefix="JointRegSeg-pip-") as folder:
@@ -595,7 +684,12 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
                             _("JointRegSeg needs these Python packages: {names}. Install them now? This can take a "
                               "few minutes.").format(names=", ".join(missing))):
                         raise RuntimeError("declined")
-                    slicer.util.pip_install(["-c", constraints, *missing])
+                    with self.waitCursor():
+                        slicer.util.pip_install(["-c", constraints, *missing])
+            except (subprocess.CalledProcessError, OSError) as err:   # offline, a proxy, a package index down
+                logging.error("JointRegSeg: installing %s failed: %s\n%s", ", ".join(missing), err,
+                              getattr(err, "output", "") or "")
+                raise JointRegSegError(self.installFailedMessage(missing)) from None
             except RuntimeError as err:
                 raise JointRegSegError(_("missing Python packages: {names} ({reason})").format(
                     names=", ".join(missing), reason=err)) from None
@@ -604,6 +698,12 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         if still:
             raise JointRegSegError(_("missing Python packages: {names}; JointRegSeg cannot run without them").format(
                 names=", ".join(still)))
+
+    @staticmethod
+    def waitCursor():
+        """slicer.util.WaitCursor where this Slicer has it (a plain context otherwise)."""
+        cursor = getattr(slicer.util, "WaitCursor", None)
+        return cursor() if cursor is not None else contextlib.nullcontext()
 
     @staticmethod
     def _pipEnsure():
@@ -661,11 +761,9 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         if self.warm and not self.missingDependencies():
             self.worker().start()
 
-    def stopWorker(self) -> None:
-        from JointRegSegLib.worker import _SHARED, python_executable
-        worker = _SHARED.get(self.python or python_executable())
-        if worker is not None:
-            worker.stop()
+    def stopWorker(self, wait: bool = True, timeout_s: float = 5.0) -> None:
+        """End the warm worker; `wait=False` returns at once (a background thread kills it after `timeout_s`)."""
+        self.worker().stop(timeout_s=timeout_s, wait=wait)
 
     # --- work --------------------------------------------------------------------------------
     def start(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", python=None,
@@ -853,25 +951,68 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
 
 
 class JointRegSegTest(ScriptedLoadableModuleTest):
-    """Slicer's self-test: the bundled sample pair through the embedded default model. Offline: the
-    volumes are the module's own files and nothing is installed (pip_ensure is skipped while testing)."""
+    """Slicer's self-test on the bundled sample pair. Offline: the volumes are the module's own files and
+    nothing is installed (pip_ensure is skipped while testing). Where PyTorch or MONAI are absent (the
+    Extensions build machines: the PyTorch extension is there, torch is not), it tests loading the data and
+    the Logic's contract without inference, as TotalSegmentator and MONAIAuto3DSeg do."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
+        self.test_sample_pair_and_the_logic_contract()
+        self.setUp()
         self.test_register_and_segment_sample_pair()
 
-    def test_register_and_segment_sample_pair(self):
+    def loadSamplePair(self):
         volumes = slicer.modules.volumes.logic()
         moving = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["moving"][0]), SAMPLE_PAIR["moving"][1])
         fixed = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["fixed"][0]), SAMPLE_PAIR["fixed"][1])
         self.assertIsNotNone(moving)
         self.assertIsNotNone(fixed)
+        return moving, fixed
+
+    def test_sample_pair_and_the_logic_contract(self):
+        """No torch needed: the data loads, the default model is listed and described, bad inputs and missing
+        packages are refused with a message, and a refusal leaves the scene unchanged."""
+        moving, fixed = self.loadSamplePair()
+        for volume in (moving, fixed):
+            dims = volume.GetImageData().GetDimensions()
+            self.assertGreaterEqual(min(dims), 8)
+            self.assertGreater(float(volume.GetImageData().GetScalarRange()[1]), 0.0)
+        logic = JointRegSegLogic()
+        model = default_model_path()
+        self.assertIn(model, list(logic.models().values()))
+        self.assertIn(read_card(model)["name"], logic.describeModel(model))
+        node = logic.getParameterNode()
+        logic.setDefaultParameters(node)
+        self.assertEqual(node.modelPath, str(model))
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(InputImageError):
+            logic.start(moving, moving, str(model))
+        with self.assertRaises(InputImageError):
+            logic.start(None, fixed, str(model))
+        missing = logic.missingDependencies()
+        if missing:
+            with self.assertRaises(JointRegSegError) as raised:
+                logic.process(moving, fixed, device="cpu")
+            self.assertIn("missing Python packages", str(raised.exception))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        text = logic.describeQc({"folding_percent": 0.0, "jacobian_min": 0.8, "jacobian_max": 1.2,
+                                 "fixed_volumes_ml": {"left caudate": 3.5}, "moving_volumes_ml": {"left caudate": 3.4},
+                                 "registration_status": "ok"})
+        self.assertIn("left caudate", text)
+        self.delayDisplay("JointRegSeg data and Logic checks passed")
+
+    def test_register_and_segment_sample_pair(self):
         logic = JointRegSegLogic()
         missing = logic.missingDependencies()
-        self.assertEqual(missing, [], f"install these first (the self-test never downloads): {missing}")
+        if missing:
+            self.delayDisplay(f"Inference not tested: {', '.join(missing)} not installed (the self-test never "
+                              "downloads)")
+            return
+        moving, fixed = self.loadSamplePair()
         results = logic.process(moving, fixed, device="cpu")
         self.assertLess(results.qc["folding_percent"], 0.1)
         labels = [e for e in results.qc["label_table"] if e["value"] != 0]

@@ -552,10 +552,24 @@ class Job:
             self.cleanup()
 
     def cancel(self) -> None:
+        """Stop the run; returns once it has stopped (blocking: scripts). The module uses request_cancel."""
         try:
             self.run.cancel()
         finally:
             self.cleanup()
+
+    def request_cancel(self, grace_s: float | None = None) -> None:
+        """Ask the run to stop and return at once; call `reap()` (from a timer) until it returns True. The
+        scene is never touched: a cancelled job's outputs are not loaded."""
+        self.run.request_cancel(*(() if grace_s is None else (grace_s,)))
+
+    def reap(self) -> bool:
+        """One non-blocking step of a cancel (the process tree is killed once the grace period has passed);
+        True once the run has ended, its private folder then removed."""
+        if not self.run.reap():
+            return False
+        self.cleanup()
+        return True
 
     def cleanup(self) -> None:
         self._finalizer()

@@ -81,6 +81,38 @@ def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
         process.wait(timeout=30)
 
 
+def signal_process_tree(process: subprocess.Popen, sig) -> None:
+    """Send `sig` to the process and everything it started, without waiting for them (posix: its process
+    group; Windows: `taskkill /F /T`, started and not awaited, whatever `sig`)."""
+    if process.poll() is not None:
+        return
+    if os.name == "posix":
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    else:
+        subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+
+
+def reap_in_background(stoppable, interval_s: float = 0.1) -> threading.Thread:
+    """Call `stoppable.reap()` on a daemon thread until it returns True: for a cancel that nobody else will
+    follow up (the module's widget is being destroyed)."""
+    def loop():
+        while True:
+            try:
+                if stoppable.reap():
+                    return
+            except Exception:          # noqa: BLE001 (nothing to report to: keep it quiet)
+                return
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=loop, daemon=True, name="jointregseg-reap")
+    thread.start()
+    return thread
+
+
 class _RunState:
     """wait / raise_for_state shared by a child-per-job run and a request to the warm worker."""
 
@@ -96,6 +128,13 @@ class _RunState:
                 progress(*last)
             time.sleep(interval_s)
         self.raise_for_state()
+
+    def cancel(self, grace_s: float | None = None) -> None:
+        """Stop the work; returns once it has stopped (blocking: for scripts. The module's GUI thread uses
+        request_cancel and calls reap from a timer)."""
+        self.request_cancel(*(() if grace_s is None else (grace_s,)))
+        while not self.reap():
+            time.sleep(0.05)
 
     def raise_for_state(self) -> None:
         state = self.state
@@ -116,7 +155,8 @@ class BackgroundRun(_RunState):
         self.args = [str(a) for a in args]
         self.progress = ("starting", 0.0)
         self.output = collections.deque(maxlen=200)
-        self._cancelled = False
+        self._cancelled = self._killed = self._reaped = False
+        self._kill_at = 0.0
         self.process = subprocess.Popen([python or python_executable(), "-m", "JointRegSegLib", *self.args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=child_environment(env), text=True, encoding="utf-8", errors="replace",
@@ -154,13 +194,31 @@ class BackgroundRun(_RunState):
                 return line.removeprefix("jointregseg: error: ")
         return "\n".join(lines[-15:]) or f"the worker process exited with code {self.process.returncode}"
 
-    def cancel(self, grace_s: float = 5.0) -> None:
-        """Stop the child and everything it started; returns once they are gone."""
-        if self.process.poll() is not None:
+    def request_cancel(self, grace_s: float = 5.0) -> None:
+        """Ask the child to stop (SIGTERM to its process group) and return at once; `reap()` finishes the job."""
+        if self.process.poll() is not None or self._cancelled:
             return
         self._cancelled = True
-        kill_process_tree(self.process, grace_s)
-        self._reader.join(timeout=5)
+        self._kill_at = time.monotonic() + grace_s
+        signal_process_tree(self.process, signal.SIGTERM if os.name == "posix" else None)
+
+    def reap(self) -> bool:
+        """One non-blocking step of a cancel: True once the child has ended; once the grace period has passed,
+        SIGKILL to its process group."""
+        if self.process.poll() is not None:
+            if self._cancelled and not self._reaped:
+                self._reaped = True
+                if os.name == "posix":             # whatever it started and left behind
+                    try:
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                self._reader.join(timeout=1)
+            return True
+        if self._cancelled and not self._killed and time.monotonic() >= self._kill_at:
+            self._killed = True
+            signal_process_tree(self.process, signal.SIGKILL)
+        return False
 
 
 # --- the warm worker: the parent's side ------------------------------------------------------------
@@ -176,6 +234,8 @@ class WorkerTask(_RunState):
         self.reply: dict = {}
         self.process = None               # the worker process it was sent to
         self.cancelling = False
+        self.killed = False
+        self.kill_at = 0.0
         self._finished = threading.Event()
 
     def _finish(self, state: str, error: str = "", reply: dict | None = None) -> None:
@@ -184,9 +244,15 @@ class WorkerTask(_RunState):
         self.state, self.error, self.reply = state, error, reply or {}
         self._finished.set()
 
-    def cancel(self, grace_s: float = 10.0) -> None:
-        """Stop this request; returns once it has stopped (the worker stays warm if it stops in time)."""
-        self.worker._cancel(self, grace_s)
+    def request_cancel(self, grace_s: float = 10.0) -> None:
+        """Ask the worker to stop this request and return at once (the worker stays warm if it stops within
+        `grace_s`); `reap()`, called from a timer, ends it."""
+        self.worker._request_cancel(self, grace_s)
+
+    def reap(self) -> bool:
+        """One non-blocking step of a cancel: True once the request has ended; once the grace period has
+        passed, the worker's process tree is killed (the next request starts a new worker)."""
+        return self.worker._reap(self)
 
 
 class WarmWorker:
@@ -207,6 +273,7 @@ class WarmWorker:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._ready = threading.Event()
+        self._readers: dict = {}
 
     @property
     def alive(self) -> bool:
@@ -233,7 +300,10 @@ class WarmWorker:
                                        errors="replace", bufsize=1, **popen_options())
             self.process = process
             self.starts += 1
-            threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
+            reader = threading.Thread(target=self._read_events, args=(process,), daemon=True)
+            self._readers = {p: t for p, t in self._readers.items() if t.is_alive()}
+            self._readers[process] = reader
+            reader.start()
             threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
@@ -275,40 +345,69 @@ class WarmWorker:
         except (BrokenPipeError, OSError, ValueError, AttributeError):
             pass
 
-    def _cancel(self, task: WorkerTask, grace_s: float) -> None:
-        if task.state != "running":
+    def _request_cancel(self, task: WorkerTask, grace_s: float) -> None:
+        if task.state != "running" or task.cancelling:
             return
         task.cancelling = True
+        task.kill_at = time.monotonic() + grace_s
         with self._lock:
-            self._send({"command": "cancel", "id": task.id})
-        if not task._finished.wait(grace_s):
-            self._kill()                      # did not stop in time: stop it the hard way
-        task._finish("cancelled")
+            if task.process is not None and task.process is self.process:
+                self._send({"command": "cancel", "id": task.id})
+
+    def _reap(self, task: WorkerTask) -> bool:
+        if task._finished.is_set():
+            return True
+        process = task.process
+        if process is None:                          # never reached a worker
+            task._finish("cancelled")
+            return True
+        if process.poll() is not None and not self._reader_pending(process):
+            task._finish("cancelled")
+            return True
+        if task.cancelling and not task.killed and time.monotonic() >= task.kill_at:
+            task.killed = True                       # did not stop in time: stop it the hard way
+            signal_process_tree(process, signal.SIGKILL)
+        return False
+
+    def _reader_pending(self, process) -> bool:
+        """The event reader of `process` has not seen its end yet (it finishes the task then)."""
+        return process in self._readers and self._readers[process].is_alive()
 
     def _kill(self) -> None:
         process = self.process
         if process is not None:
             kill_process_tree(process, grace_s=2.0)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """End the worker (cancelling a running request)."""
+    def stop(self, timeout_s: float = 5.0, wait: bool = True) -> None:
+        """End the worker (cancelling a running request). `wait=False`: ask it to quit and return at once; a
+        background thread kills its process tree if it is still there after `timeout_s`."""
         with self._lock:
             process = self.process
             if process is None:
                 return
             if self.task is not None and self.task.state == "running":
+                self.task.cancelling = True
                 self._send({"command": "cancel", "id": self.task.id})
             self._send({"command": "quit"})
             try:
                 process.stdin.close()
             except OSError:
                 pass
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_process_tree(process, grace_s=2.0)
-        if self.task is not None:
-            self.task._finish("cancelled")
+            self.process = None                      # the next request starts a new worker
+            task = self.task
+
+        def finish():
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_process_tree(process, grace_s=2.0)
+            if task is not None:
+                task._finish("cancelled")
+
+        if wait:
+            finish()
+        else:
+            threading.Thread(target=finish, daemon=True, name="jointregseg-stop").start()
 
     # reader threads (one pair per started process)
     def _read_stderr(self, process) -> None:
@@ -481,6 +580,8 @@ def serve(stdin=None) -> int:
             elif command == "run":
                 cancels.setdefault(str(message["id"]), threading.Event())
                 requests.put(message)
+        for event in list(cancels.values()):    # quit, or the parent is gone: stop what is running
+            event.set()
         requests.put(None)
 
     threading.Thread(target=read_requests, daemon=True).start()

@@ -190,6 +190,33 @@ class FakeWidget:
         return [item[0] for item in self.items]
 
 
+class FakeTimer:
+    """qt.QTimer stand-in: records start/stop; `fire()` runs the slot as one timeout would."""
+
+    def __init__(self):
+        self.active, self.interval, self.slots = False, 0, []
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, slot):
+        assert signal == "timeout()"
+        self.slots.append(slot)
+
+    def start(self, *args):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def isActive(self):
+        return self.active
+
+    def fire(self):
+        for slot in self.slots:
+            slot()
+
+
 class FakeUi:
     """childWidgetVariables(...) stand-in: any widget name gives a FakeWidget (the .ui test checks the names)."""
 
@@ -213,6 +240,7 @@ def make_widget(module, ctx):
     release_widgets() when done."""
     widget = module.JointRegSegWidget(types.SimpleNamespace(isEntered=True))
     widget.parent = types.SimpleNamespace(isEntered=True)
+    widget.timerClass = FakeTimer
     widget.errors, widget.answers = [], []
     widget.showError = widget.errors.append
     widget.confirm = lambda text: (widget.answers.append(text), widget.confirm_answer)[1]
