@@ -37,6 +37,8 @@ from JointRegSegLib.models import REPO_ROOT, default_model_path, installed_model
 BROWSE_ITEM = "Browse…"
 REQUIREMENTS_FILE = REPO_ROOT / "Resources" / "requirements.txt"
 SAMPLE_FOLDER = REPO_ROOT / "Resources" / "SampleData"
+# The extension's terminology context (every structure of the shipped models, with sides, and the brain mask)
+TERMINOLOGY_FILE = pathlib.Path(_HERE) / "Resources" / "SegmentationCategoryTypeModifier-JointRegSeg.term.json"
 SAMPLE_PAIR = {"moving": ("colin27_t1_brain_2mm.nii.gz", "JointRegSeg sample moving (Colin27 T1)"),
                "fixed": ("itk_subject_t1_brain.nii.gz", "JointRegSeg sample fixed (subject T1)")}
 # Packages Slicer (or the PyTorch extension) provides: installing our requirements must never replace them.
@@ -88,6 +90,13 @@ class JointRegSeg(ScriptedLoadableModule):
             "Built on 3D Slicer, MONAI, PyTorch and SimpleITK. The embedded brain model was trained on the "
             "Colin27 and MNI ICBM 2009c templates with AAL labels; see the model card for sources and licences.")
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology() -> str:
+    """Load the extension's terminology context (segments name it) into Slicer's Terminologies module;
+    returns its name. Loading it again replaces it (no duplicate)."""
+    return slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
 
 
 def sampleDataSources() -> dict:

@@ -38,8 +38,11 @@ JACOBIAN_COLOR_NODE_NAME = "JointRegSeg Jacobian determinant"
 # --- terminology ----------------------------------------------------------------------------------
 # Segments carry standard codes (SNOMED CT) as SlicerMONAIAuto3DSeg and TotalSegmentator do. New model
 # cards hold them per label ("terminology": {"category": [scheme, code, meaning], "type": [...],
-# "modifier": [...]}); for older cards the label name is looked up here.
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# "modifier": [...]}); for older cards the label name is looked up here. The codes live in the extension's
+# own terminology context (JointRegSeg/Resources/SegmentationCategoryTypeModifier-JointRegSeg.term.json,
+# loaded at start-up): Slicer's General Anatomy list lacks hippocampus and cerebellum, names 40146001
+# differently and has no sides for cerebellum.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - JointRegSeg"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
 TISSUE = ("SCT", "85756007", "Tissue")
@@ -58,7 +61,24 @@ STRUCTURES = {   # lower-case name or synonym -> SNOMED CT type
     "cerebellum": ("SCT", "113305005", "Cerebellum"),
     "cerebral cortex": ("SCT", "40146001", "Cerebral cortex"),
     "cortex": ("SCT", "40146001", "Cerebral cortex"),
+    "cerebral white matter": ("SCT", "68523003", "Cerebral white matter"),
+    "white matter": ("SCT", "68523003", "Cerebral white matter"),
+    "lateral ventricle": ("SCT", "66720007", "Lateral ventricle"),
+    "accumbens": ("SCT", "279215006", "Nucleus accumbens"),
+    "nucleus accumbens": ("SCT", "279215006", "Nucleus accumbens"),
+    "ventral diencephalon": ("SCT", "62137007", "Diencephalon"),
+    "diencephalon": ("SCT", "62137007", "Diencephalon"),
+    "third ventricle": ("SCT", "49688004", "Third ventricle"),
+    "fourth ventricle": ("SCT", "35918002", "Fourth ventricle"),
+    "brainstem": ("SCT", "15926001", "Brainstem"),
+    "brain stem": ("SCT", "15926001", "Brainstem"),
+    "cerebrospinal fluid": ("SCT", "65216001", "Cerebrospinal fluid"),
+    "csf": ("SCT", "65216001", "Cerebrospinal fluid"),
+    "brain": ("SCT", "12738006", "Brain"),
 }
+# the one segment of a brain mask's segmentation
+BRAIN_MASK_ENTRY = {"value": 1, "name": "brain", "color": [0.98, 0.98, 0.88],
+                    "terminology": {"category": list(ANATOMICAL_STRUCTURE), "type": ["SCT", "12738006", "Brain"]}}
 
 
 def _codes(value) -> tuple | None:

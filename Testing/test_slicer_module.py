@@ -287,7 +287,7 @@ def test_module_metadata_and_sample_data(module, monkeypatch):
     assert "DeepAtlas" in parent.helpText and parent.contributors == ["JointRegSeg developers"]
     assert "For research use only" in parent.helpText
     # the sample pair is registered with SampleData once Slicer has started
-    assert hooks == [("startupCompleted()", module.registerSampleData)]
+    assert hooks == [("startupCompleted()", module.registerSampleData), ("startupCompleted()", module.loadTerminology)]
     registered = []
     fake = types.ModuleType("SampleData")
     fake.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kw: registered.append(kw))
