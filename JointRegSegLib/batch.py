@@ -28,7 +28,9 @@ from .threads import ENV_VAR as THREADS_ENV
 
 SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "folding_percent", "jacobian_min",
-                  "jacobian_max", "device", "refine_iterations", "out"]
+                  "jacobian_max", "device", "refine_iterations", "out",
+                  # the registration's self-check (empty for pairs whose engine did not report it)
+                  "registration_status", "agreement_mean"]
 PATH_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels")
 # per-row overrides of the command line's run options (column name = option name, - or _)
 ROW_OPTIONS = ("refine", "similarity", "no_affine", "affine_method", "no_scale_search", "report")
@@ -171,7 +173,7 @@ def previous_outputs(out: Path, wanted: dict) -> tuple[str, dict | None]:
     """What `out` holds: ('complete', qc) every output made with `wanted` (the pair is skipped); ('partial',
     None) only outputs of this same pair, some missing (recomputed); ('missing', None) nothing; ('other',
     None) outputs of other inputs or options, or other files (recomputed only with --overwrite)."""
-    from .outputs import OUTPUT_FILES
+    from .outputs import MASK_FILES, OUTPUT_FILES, known_outputs
     if not out.is_dir() or not any(out.iterdir()):
         return "missing", None
     names = list(OUTPUT_FILES.values()) + (list(REPORT_FILES) if wanted["report"] else [])
@@ -183,9 +185,12 @@ def previous_outputs(out: Path, wanted: dict) -> tuple[str, dict | None]:
         return "other", None
     if qc is not None and (not isinstance(qc, dict) or qc.get("batch") != wanted):
         return "other", None
+    if qc is not None:   # the brain masks the run wrote (models without one write none)
+        masks = qc.get("brain_mask_files")
+        names += [name for name in masks if name in MASK_FILES.values()] if isinstance(masks, list) else []
     if qc is not None and all((out / name).is_file() for name in names):
         return "complete", qc
-    known = set(OUTPUT_FILES.values()) | set(REPORT_FILES)
+    known = known_outputs() | set(REPORT_FILES)
     return ("partial" if all(p.name in known for p in out.iterdir()) else "other"), None
 
 
@@ -198,7 +203,9 @@ def _qc_fields(qc: dict) -> dict:
     return {"engine_seconds": _number((qc.get("timing_s") or {}).get("total"), 2),
             "folding_percent": _number(qc.get("folding_percent"), 5),
             "jacobian_min": _number(qc.get("jacobian_min"), 4), "jacobian_max": _number(qc.get("jacobian_max"), 4),
-            "device": qc.get("device", ""), "refine_iterations": qc.get("refine_iterations", "")}
+            "device": qc.get("device", ""), "refine_iterations": qc.get("refine_iterations", ""),
+            "registration_status": qc.get("registration_status") or "",
+            "agreement_mean": _number(qc.get("agreement_mean"), 4)}
 
 
 def _error_text(err: BaseException) -> str:
@@ -239,8 +246,11 @@ def report_pair(name: str, row: dict, write) -> None:
         if row.get("traceback"):
             write(row["traceback"])
     elif row["status"] == "done":
+        check = {"ok": f", registration ok (agreement {row.get('agreement_mean')})",
+                 "check": f", REGISTRATION NEEDS CHECKING (agreement {row.get('agreement_mean')}; "
+                          "see its qc.json)"}.get(row.get("registration_status"), "")
         write(f"{name}: done in {row['seconds']:.1f} s, folding {row['folding_percent']}%, "
-              f"det J [{row['jacobian_min']}, {row['jacobian_max']}]")
+              f"det J [{row['jacobian_min']}, {row['jacobian_max']}]{check}")
 
 
 # ------------------------------------------------------------------------------------------------ summary

@@ -178,14 +178,31 @@ def _cmd_run(args) -> int:
     if args.no_affine:
         check_overlap(moving, fixed)
     result, written = run_and_write(args, moving, fixed, guide, model=args.model.model, progress=stderr_progress)
-    qc = result.qc
-    print(f"folding {qc['folding_percent']:.4f}%  det J [{qc['jacobian_min']:.3f}, {qc['jacobian_max']:.3f}]  "
-          f"time {qc['timing_s']['total']:.1f} s on {qc['device']}")
-    for flag in qc.get("volume_flags", []):
-        print(f"warning: {flag}")
-    for key, path in written.items():
-        print(f"{key}: {path}")
+    print_run_outcome(result.qc, written)
     return 0
+
+
+def print_run_outcome(qc: dict, written: dict, out=None, err=None) -> None:
+    """What `run` says when it has finished: the QC numbers and the files on `out` (stdout); when the
+    registration's self-check says "check", a plain-words warning, and every warning of the run, on `err`
+    (stderr), last, so they are what a terminal shows at the end. The exit code stays 0: the outputs are
+    written; the warning says to look before using them. Results without a self-check print as before."""
+    from .report import registration_check_sentence, registration_warnings, status_summary
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    print(f"folding {qc['folding_percent']:.4f}%  det J [{qc['jacobian_min']:.3f}, {qc['jacobian_max']:.3f}]  "
+          f"time {qc['timing_s']['total']:.1f} s on {qc['device']}", file=out)
+    verdict = status_summary(qc)
+    if verdict:
+        print(verdict, file=out)
+    for flag in qc.get("volume_flags", []):
+        print(f"warning: {flag}", file=out)
+    for key, path in written.items():
+        print(f"{key}: {path}", file=out)
+    out.flush()
+    sentence = registration_check_sentence(qc, picture="picture" in written)
+    for warning in ([sentence] if sentence else []) + registration_warnings(qc):
+        print(f"WARNING: {warning}", file=err)
 
 
 class _Loaded:

@@ -7,6 +7,7 @@ picture does not depend on how the files store their axes, and all panels have t
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -187,23 +188,140 @@ def build_figure(result, fixed: sitk.Image):
                    title="structures", title_fontsize=9)
     fig.suptitle(f"JointRegSeg QC - model {qc['model']} - folding {qc['folding_percent']:.4f}% - det J "
                  f"[{det_low:.2f}, {det_high:.2f}] - {qc['timing_s']['total']:.1f} s on {qc['device']}\n"
-                 f"{CONVENTION}; slices through the fixed anatomy's centre", fontsize=11)
+                 f"{CONVENTION}; slices through the fixed anatomy's centre"
+                 + (f"\n{status_summary(qc)}" if status_summary(qc) else ""), fontsize=11)
     fig._jointregseg_slices = slices  # for tests: the fixed slice shown in each row
     return fig
 
 
-def write_report(result, fixed: sitk.Image, out_dir) -> Path:
-    """qc_overview.png (fixed, warped, overlays, edges, det J) and report.md in `out_dir`; returns the .md path."""
-    import matplotlib.pyplot as plt
+# ------------------------------------------------------------------------------ the registration self-check in words
+# qc["registration_status"] ("ok" / "check"), qc["agreement_dice"], qc["agreement_mean"], qc["registration_attempts"]
+# and qc["warnings"] come from the pipeline's self-check; results of older engines lack them: "not reported".
 
-    out_dir = Path(out_dir)
-    fig = build_figure(result, fixed)
-    png = out_dir / "qc_overview.png"
-    fig.savefig(png, dpi=DPI)
-    plt.close(fig)
+def _score(value) -> str:
+    """A Dice as text: two decimals, "n/a" when missing or not a number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{value:.2f}" if math.isfinite(value) else "n/a"
 
+
+def registration_status(qc: dict) -> str | None:
+    """The self-check's verdict ("ok", "check"), None when this result does not report one."""
+    status = qc.get("registration_status")
+    return str(status) if status else None
+
+
+def registration_warnings(qc: dict) -> list[str]:
+    """The plain-English warnings of a run (inputs that do not look like what the model knows, ...), less
+    the engine's own "registration needs checking" sentence when the status is "check":
+    registration_check_sentence says that, once, from the numbers."""
+    warnings = qc.get("warnings") or []
+    if isinstance(warnings, str):
+        warnings = [warnings]
+    said = registration_status(qc) == "check"
+    return [" ".join(str(w).split()) for w in warnings
+            if str(w).strip() and not (said and "registration needs checking" in str(w).lower())]
+
+
+def _agreement_threshold(qc: dict) -> float | None:
+    try:
+        value = float(qc["agreement_threshold"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def describe_attempt(attempt: dict, details: bool = False) -> str:
+    """One registration attempt as words: "classical affine (0.38)"; `details`: with its other settings,
+    "no affine (0.12; segmentation mode network)"."""
+    if not isinstance(attempt, dict):
+        return str(attempt)
+    method = attempt.get("affine_method")
+    text = f"{method} affine" if method else "no affine"
+    extras = [f"{str(key).replace('_', ' ')} {value}" for key, value in attempt.items()
+              if key not in ("affine_method", "agreement_mean", "agreement_dice", "registration_status")]
+    return f"{text} ({'; '.join([_score(attempt.get('agreement_mean'))] + (extras if details else []))})"
+
+
+def attempts_text(qc: dict) -> str:
+    """What the self-check tried, in order: "torch affine (0.41), classical affine (0.38)"; "" when not said."""
+    return ", ".join(describe_attempt(a) for a in qc.get("registration_attempts") or [])
+
+
+def registration_check_sentence(qc: dict, picture: bool = True) -> str | None:
+    """The warning for a run whose self-check says "check" (None otherwise): what disagreed, by how much,
+    what was tried, where to look. `picture`: the run wrote qc_overview.png."""
+    if registration_status(qc) != "check":
+        return None
+    threshold = _agreement_threshold(qc)
+    needs = f"; 'ok' needs >= {threshold:.2f}" if threshold is not None else ""
+    tried = attempts_text(qc)
+    look = ("qc_overview.png" if picture else
+            "the warped moving image over the fixed one (or rerun with --report for qc_overview.png)")
+    return ("registration needs checking: the fixed image's own segmentation and the moving segmentation carried "
+            f"by the registration agree only {_score(qc.get('agreement_mean'))} (mean Dice{needs})."
+            + (f" Tried: {tried}." if tried else "") + f" Look at {look} before using the transform.")
+
+
+def status_summary(qc: dict) -> str | None:
+    """A short verdict for a title or a log line: "registration ok (agreement 0.78)"; None when not reported."""
+    status = registration_status(qc)
+    if status is None:
+        return None
+    shown = "NEEDS CHECKING" if status == "check" else status
+    return f"registration {shown} (agreement {_score(qc.get('agreement_mean'))})"
+
+
+def mask_volume_ml(mask: sitk.Image) -> float:
+    """Volume of a brain mask's nonzero voxels in ml."""
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    return voxels * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def self_check_lines(result) -> list[str]:
+    """report.md's "Registration self-check" section (and the brain masks' volumes when the result has them)."""
     qc = result.qc
-    lines = ["# JointRegSeg QC report", "", f"![overview]({png.name})", "",
+    status = registration_status(qc)
+    lines = ["## Registration self-check", ""]
+    if status is None:
+        lines += ["Status: **not reported** (this run did not check its registration).", ""]
+    else:
+        threshold = _agreement_threshold(qc)
+        verdict = {"ok": "**ok**",
+                   "check": "**CHECK — the registration may have failed**"}.get(status, f"**{status}**")
+        lines += [f"Status: {verdict}", "",
+                  "The fixed image's own segmentation (network only) is compared with the moving segmentation "
+                  f"carried onto it by the registration: mean agreement (Dice) **{_score(qc.get('agreement_mean'))}**"
+                  + (f" ('ok' needs >= {threshold:.2f})" if threshold is not None else "") + ".", ""]
+        sentence = registration_check_sentence(qc)
+        if sentence:
+            lines += [f"**Warning:** {sentence[0].upper()}{sentence[1:]}", ""]
+    dice = qc.get("agreement_dice") or {}
+    if dice:
+        lines += ["| structure | agreement (Dice) |", "|---|---|"]
+        lines += [f"| {name} | {_score(value)} |" for name, value in dice.items()] + [""]
+    attempts = qc.get("registration_attempts") or []
+    if attempts:
+        lines += ["Tried, in order (mean agreement first in brackets):", ""]
+        lines += [f"{i}. {describe_attempt(a, details=True)}" for i, a in enumerate(attempts, start=1)] + [""]
+    warnings = registration_warnings(qc)
+    if warnings:
+        lines += ["**Warnings:**", ""] + [f"- {w}" for w in warnings] + [""]
+    masks = [(role, getattr(result, f"{role}_brain_mask", None)) for role in ("fixed", "moving")]
+    if any(mask is not None for _, mask in masks):
+        lines += ["| brain mask | volume (ml) | file |", "|---|---|---|"]
+        lines += [f"| {role} | {mask_volume_ml(mask):.1f} | {role}_brain_mask.nii.gz |"
+                  for role, mask in masks if mask is not None] + [""]
+    return lines
+
+
+def report_markdown(result, picture_name: str = "qc_overview.png") -> str:
+    """report.md's text for `result` (the picture is referred to by name)."""
+    qc = result.qc
+    lines = ["# JointRegSeg QC report", ""] + self_check_lines(result) + [
+             "## Overview", "", f"![overview]({picture_name})", "",
              f"Picture: {CONVENTION}; rows axial, coronal, sagittal through the fixed anatomy's centre.", ""]
     flags = qc.get("volume_flags") or []
     if flags:
@@ -221,6 +339,19 @@ def write_report(result, fixed: sitk.Image, out_dir) -> Path:
         lines.append(f"| {name}{mark} | {volume:.2f} | {qc['moving_volumes_ml'].get(name, float('nan')):.2f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in qc["timing_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result, fixed: sitk.Image, out_dir) -> Path:
+    """qc_overview.png (fixed, warped, overlays, edges, det J) and report.md in `out_dir`; returns the .md path."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    fig = build_figure(result, fixed)
+    png = out_dir / "qc_overview.png"
+    fig.savefig(png, dpi=DPI)
+    plt.close(fig)
+
     md = out_dir / "report.md"
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md.write_text(report_markdown(result, png.name), encoding="utf-8")
     return md
