@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLGridTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
@@ -53,7 +53,7 @@ STAGE_WORDS = {
     "starting": "Starting the engine…", "starting the engine": "Starting the engine…",
     "validate inputs": "Checking the volumes…", "load model": "Loading the model…",
     "affine pre-alignment": "Aligning the volumes (affine)…", "resample to working grid": "Preparing the volumes…",
-    "network inference": "Running the network…", "velocity scale": "Choosing the deformation's strength…",
+    "find the brains": "Finding the brain in each volume…", "network inference": "Running the network…", "velocity scale": "Choosing the deformation's strength…",
     "test-time refinement": "Refining the alignment…",
     "compose transform": "Building the transform…", "warp moving": "Warping the moving volume…",
     "segmentations": "Segmenting both volumes…", "quality control": "Checking the result…",
@@ -81,9 +81,9 @@ class JointRegSeg(ScriptedLoadableModule):
         self.parent.contributors = ["JointRegSeg developers"]
         self.parent.helpText = _(
             "Registers a moving volume onto a fixed volume with a trained deep network and segments both. "
-            "Outputs: a grid transform (apply it to the moving volume to align it), the warped moving volume, "
-            "segmentations of the fixed and the moving image and the moving segmentation warped onto the fixed one "
-            "(segments carry standard SNOMED CT terminology), and quality measures (folding, Jacobian map, "
+            "Outputs: a transform (an affine and a displacement field: apply it to the moving volume, or harden "
+            "it, to align it), the warped moving volume, segmentations of the fixed and the moving image and the "
+            "moving segmentation warped onto the fixed one (segments carry standard SNOMED CT terminology), and quality measures (folding, Jacobian map, "
             "structure volumes). Work runs in a separate process kept warm between runs; Cancel stops it and "
             "leaves the scene as it was. <b>{notice}</b>").format(notice=RESEARCH_NOTICE) + CITATIONS
         self.parent.acknowledgementText = _(
@@ -125,7 +125,7 @@ class JointRegSegParameterNode:
     guideMovingSegmentation: vtkMRMLSegmentationNode
     guideFixedSegmentation: vtkMRMLSegmentationNode
     newNodesEachRun: bool = True
-    outputTransform: vtkMRMLGridTransformNode
+    outputTransform: vtkMRMLTransformNode
     outputWarpedVolume: vtkMRMLScalarVolumeNode
     outputFixedSegmentation: vtkMRMLSegmentationNode
     outputMovingSegmentation: vtkMRMLSegmentationNode
@@ -811,7 +811,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         """Warped moving volume over the fixed one, the fixed segmentation as outlines."""
         from JointRegSegLib.mrml import show_over
         show_over(fixed, results.warped, 0.5)
-        for role in ("moving_segmentation", "warped_moving_segmentation"):
+        for role in ("moving_segmentation", "warped_moving_segmentation", "fixed_brain_mask", "moving_brain_mask"):
             node = getattr(results, role)
             if node is not None and node.GetDisplayNode() is not None:
                 node.GetDisplayNode().SetVisibility(False)   # one segmentation on screen at a time
@@ -939,6 +939,25 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             flags[name] = flag
         return flags
 
+    @staticmethod
+    def describeStatus(qc: dict) -> str:
+        """The run's self-check (registration_status "ok" / "check", the agreement of the fixed image's own
+        segmentation with the carried moving one) and the engine's warnings, as panel text ("" if none)."""
+        import html
+        status = qc.get("registration_status")
+        agreement = qc.get("agreement_mean")
+        measured = f" (segmentation agreement {agreement:.2f})" if isinstance(agreement, (int, float)) else ""
+        text = ""
+        if status == "ok":
+            text = f"<b>Registration: ok</b>{measured}<br>"
+        elif status:
+            text = (f"<b>&#9888; Registration: {html.escape(str(status))}</b>{measured} — check the alignment "
+                    "before using the results<br>")
+        warnings = [w for w in qc.get("warnings") or [] if w]
+        if warnings:
+            text += "Warnings:<ul>" + "".join(f"<li>&#9888; {html.escape(str(w))}</li>" for w in warnings) + "</ul>"
+        return text
+
     @classmethod
     def describeQc(cls, qc: dict) -> str:
         volumes = qc.get("fixed_volumes_ml", {})
@@ -952,7 +971,8 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         timing = qc.get("timing_s", {})
         folding = qc["folding_percent"]
         verdict = "ok" if folding < 0.1 else "&#9888; high: check the alignment"
-        return (f"Folding: {folding:.4f} % of voxels (det J &le; 0) — {verdict}<br>"
+        return (cls.describeStatus(qc) +
+                f"Folding: {folding:.4f} % of voxels (det J &le; 0) — {verdict}<br>"
                 f"Jacobian determinant: {qc['jacobian_min']:.3f} to {qc['jacobian_max']:.3f}<br>"
                 f"Time: {timing.get('total', float('nan')):.1f} s on {qc.get('device', '?')}<br>"
                 f"<table><tr><th>structure</th><th>fixed ml</th><th>moving ml</th><th>check</th></tr>{rows}</table>"

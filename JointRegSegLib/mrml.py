@@ -27,9 +27,12 @@ from .outputs import OUTPUT_FILES
 from .worker import BackgroundRun
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+MASK_ROLES = ("fixed_brain_mask", "moving_brain_mask")     # from models that give brain masks; else absent
 OUTPUT_ROLES = ("transform", "warped", "fixed_segmentation", "moving_segmentation", "warped_moving_segmentation",
-                "jacobian")
-SEGMENTATION_ROLES = ("fixed_segmentation", "moving_segmentation", "warped_moving_segmentation")
+                "jacobian") + MASK_ROLES
+SEGMENTATION_ROLES = ("fixed_segmentation", "moving_segmentation", "warped_moving_segmentation") + MASK_ROLES
+MOVING_SIDE_ROLES = ("moving_segmentation", "moving_brain_mask")   # on the moving image: under its study
+MASK_FILE_NAMES = {role: f"{role}.nii.gz" for role in MASK_ROLES}  # as outputs.MASK_FILES
 MIN_SLICES = 4            # along every axis: the affine pyramid (ITK recursive Gaussian) fails on 3 (measured: 3 fail, 4 run)
 LABEL_SUFFIX = "_labels"  # as JointRegSegLib.training.finetune (kept here: that module imports torch)
 CASE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -236,7 +239,8 @@ def check_outputs(outputs: dict | None) -> dict:
     if transform is not None and (transform.IsA("vtkMRMLLinearTransformNode") or
                                   transform.IsA("vtkMRMLBSplineTransformNode")):
         raise JointRegSegError(f"output transform '{transform.GetName()}' is a {transform.GetClassName()}; the result "
-                               "is a displacement field: choose a grid transform node or 'Create new transform'")
+                               "is an affine and a displacement field: choose a (general or grid) transform node or "
+                               "'Create new transform'")
     return outputs
 
 
@@ -273,9 +277,17 @@ def _node_matrix(volume_node) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def grid_transform_from_displacement(displacement: sitk.Image) -> vtk.vtkAbstractTransform:
+def grid_transform_from_displacement(displacement: sitk.Image, pad: int = 0) -> vtk.vtkAbstractTransform:
     """A VTK grid transform equal to the ITK displacement field (LPS), for use as TransformFromParent:
-    a fixed-space RAS point x maps to the moving-space point x + u(x), u = F d(F x)."""
+    a fixed-space RAS point x maps to the moving-space point x + u(x), u = F d(F x). `pad` voxels of zero
+    displacement around the grid: beyond its grid ITK's field is 0, while VTK's repeats the edge value."""
+    if pad:
+        array = np.pad(sitk.GetArrayFromImage(displacement), ((pad, pad),) * 3 + ((0, 0),))
+        padded = sitk.GetImageFromArray(array, isVector=True)
+        padded.SetSpacing(displacement.GetSpacing())
+        padded.SetDirection(displacement.GetDirection())
+        padded.SetOrigin(displacement.TransformContinuousIndexToPhysicalPoint((-float(pad),) * 3))
+        displacement = padded
     field_lps = sitk.GetArrayFromImage(displacement).astype(np.float64)          # (K, J, I, 3)
     field_ras = field_lps @ LPS_TO_RAS.T
     size, spacing = displacement.GetSize(), np.array(displacement.GetSpacing())
@@ -293,6 +305,47 @@ def grid_transform_from_displacement(displacement: sitk.Image) -> vtk.vtkAbstrac
     grid.SetGridDirectionMatrix(_vtk_matrix(direction))
     grid.SetInterpolationModeToLinear()
     return grid
+
+
+def _linear_ras(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 RAS matrix of a linear ITK transform (LPS, resampling direction): F (A p + b) with p = F x."""
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    columns = [np.array(transform.TransformPoint(tuple(float(v) for v in axis))) - origin for axis in np.eye(3)]
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ np.stack(columns, axis=1) @ LPS_TO_RAS
+    matrix[:3, 3] = LPS_TO_RAS @ origin
+    return matrix
+
+
+def _itk_parts(transform: sitk.Transform) -> list:
+    """A transform as its parts in ITK's composite order (the last is applied first); nested composites flattened."""
+    if transform.GetTransformEnum() == sitk.sitkComposite:
+        composite = sitk.CompositeTransform(transform)
+        return [part for n in range(composite.GetNumberOfTransforms())
+                for part in _itk_parts(composite.GetNthTransform(n))]
+    return [transform]
+
+
+def transform_from_itk(transform: sitk.Transform) -> vtk.vtkAbstractTransform:
+    """An ITK transform (LPS, fixed -> moving points: the resampling direction) as a VTK transform to use as
+    TransformFromParent in RAS. The engine's compact form, an affine and a displacement field on the model's
+    working grid (ITK composite), stays compact: a vtkGeneralTransform of a matrix and an oriented grid (as
+    SlicerElastix loads composites), hardenable, a few MB whatever the fixed image's size, exact inside the
+    field's grid, and the affine alone far outside it (as in ITK)."""
+    general = vtk.vtkGeneralTransform()
+    general.PreMultiply()                    # each part concatenated is applied before the previous ones: ITK's order
+    for part in _itk_parts(transform):
+        if part.GetTransformEnum() == sitk.sitkDisplacementField:
+            field = sitk.DisplacementFieldTransform(part).GetDisplacementField()
+            general.Concatenate(grid_transform_from_displacement(field, pad=1))
+        elif part.IsLinear():
+            linear = vtk.vtkTransform()
+            linear.SetMatrix(_vtk_matrix(_linear_ras(part)))
+            general.Concatenate(linear)
+        else:
+            raise JointRegSegError(f"cannot load a {part.GetName()} into Slicer here (affine and displacement "
+                                   "field transforms only)")
+    return general
 
 
 def _fill_volume(node, image: sitk.Image) -> None:
@@ -376,6 +429,8 @@ class Results:
     moving_segmentation: object = None
     warped_moving_segmentation: object = None
     jacobian: object = None
+    fixed_brain_mask: object = None          # segmentation nodes with one "brain" segment, when the model gives masks
+    moving_brain_mask: object = None
     qc: dict = field(default_factory=dict)
 
     def nodes(self) -> dict:
@@ -438,8 +493,10 @@ def load_results(scene, out_dir: Path, moving_node, fixed_node, outputs: dict | 
     label_table = qc["label_table"]
     moving_name, fixed_name = moving_node.GetName(), fixed_node.GetName()
     read = {key: sitk.ReadImage(str(out_dir / OUTPUT_FILES[key])) for key in
-            ("warped", "displacement", "fixed_segmentation", "moving_segmentation", "warped_moving_segmentation",
-             "jacobian")}
+            ("warped", "fixed_segmentation", "moving_segmentation", "warped_moving_segmentation", "jacobian")}
+    masks = {role: sitk.ReadImage(str(out_dir / name)) for role, name in MASK_FILE_NAMES.items()
+             if (out_dir / name).is_file()}
+    compact = transform_from_itk(sitk.ReadTransform(str(out_dir / OUTPUT_FILES["transform"])))
     before = set(_node_ids(scene))
     results = Results(qc=qc)
     try:
@@ -451,8 +508,8 @@ def load_results(scene, out_dir: Path, moving_node, fixed_node, outputs: dict | 
                 setattr(results, role, node)
                 return node
 
-            transform = node_for("transform", "vtkMRMLGridTransformNode", f"{moving_name} to {fixed_name}")
-            transform.SetAndObserveTransformFromParent(grid_transform_from_displacement(read["displacement"]))
+            transform = node_for("transform", "vtkMRMLTransformNode", f"{moving_name} to {fixed_name}")
+            transform.SetAndObserveTransformFromParent(compact)
             _fill_volume(node_for("warped", "vtkMRMLScalarVolumeNode", f"{moving_name} warped to {fixed_name}"),
                          read["warped"])
             results.warped.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
@@ -468,17 +525,51 @@ def load_results(scene, out_dir: Path, moving_node, fixed_node, outputs: dict | 
             if jacobian or "jacobian" in outputs:
                 _fill_volume(node_for("jacobian", "vtkMRMLScalarVolumeNode",
                                       f"{moving_name} to {fixed_name} Jacobian determinant"), read["jacobian"])
+            for role, mask in masks.items():
+                volume_node, name = (fixed_node, fixed_name) if role == "fixed_brain_mask" else (moving_node, moving_name)
+                _fill_segmentation(node_for(role, "vtkMRMLSegmentationNode", f"{name} brain mask"),
+                                   sitk.Cast(mask != 0, sitk.sitkUInt8), [BRAIN_MASK_ENTRY], volume_node)
             _into_existing(scene, results, outputs)
             if results.jacobian is not None:
                 style_jacobian(results.jacobian)
+            # the transform knows what it registers (as SlicerElastix sets it)
+            results.transform.SetNodeReferenceID(results.transform.GetMovingNodeReferenceRole(), moving_node.GetID())
+            results.transform.SetNodeReferenceID(results.transform.GetFixedNodeReferenceRole(), fixed_node.GetID())
         finally:
             scene.EndState(scene.BatchProcessState)
+        place_in_subject_hierarchy(scene, results, moving_node, fixed_node)
     except BaseException:
         for node_id in reversed(_node_ids(scene)):
             if node_id not in before and scene.GetNodeByID(node_id) is not None:
                 scene.RemoveNode(scene.GetNodeByID(node_id))
         raise
     return results
+
+
+def place_in_subject_hierarchy(scene, results: Results, moving_node, fixed_node) -> None:
+    """Results under their input's subject-hierarchy parent (patient / study, where DICOM export looks for
+    them): the moving image's segmentations under the moving volume's parent, the rest under the fixed one's;
+    an input at the scene's top level gives the other input's parent; both there: left at the top level."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    top = hierarchy.GetSceneItemID()
+
+    def parent_of(node):
+        item = hierarchy.GetItemByDataNode(node)
+        parent = hierarchy.GetItemParent(item) if item else 0
+        return parent if parent and parent != top else None
+
+    fixed_parent, moving_parent = parent_of(fixed_node), parent_of(moving_node)
+    for role, node in results.nodes().items():
+        parent = (moving_parent or fixed_parent) if role in MOVING_SIDE_ROLES else (fixed_parent or moving_parent)
+        if not parent:
+            continue
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:                    # no item yet (Slicer's subject hierarchy plugins make one for each new node)
+            hierarchy.CreateItem(parent, node)
 
 
 def _into_existing(scene, results: Results, outputs: dict) -> None:

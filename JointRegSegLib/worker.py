@@ -528,9 +528,21 @@ def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send
     write_result(result, args["out"], extra_qc={"inputs": {"moving": str(args["moving"]), "fixed": str(args["fixed"]),
                                                            "model": str(model_path)}},
                  compress=bool(args.get("compress", True)))
+    _write_brain_masks(result, Path(args["out"]))
     progress("save results", 1.0)
     send({"event": "done", "id": request_id, "seconds": round(time.perf_counter() - started, 3),
           "worker": {"pid": os.getpid(), "model_loads": cache.loads, "requests": cache.requests}})
+
+
+def _write_brain_masks(result, out_dir: Path) -> None:
+    """The result's brain masks (models that give them) as fixed_brain_mask.nii.gz / moving_brain_mask.nii.gz
+    (UInt8, 1 = brain), unless write_result wrote them already; results without masks: nothing."""
+    import SimpleITK as sitk
+    for key in ("fixed_brain_mask", "moving_brain_mask"):
+        mask = getattr(result, key, None)
+        path = out_dir / f"{key}.nii.gz"
+        if mask is not None and not path.exists():
+            sitk.WriteImage(sitk.Cast(mask != 0, sitk.sitkUInt8), str(path), True)
 
 
 def events_on_stdout():

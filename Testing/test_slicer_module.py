@@ -64,7 +64,8 @@ def test_logic_creates_named_results_and_the_transform_reproduces_the_warped_vol
     results = module.JointRegSegLogic().process(moving, fixed, str(tiny_checkpoint), device="cpu", jacobian=True,
                                                 progress=lambda stage, fraction: seen.append(stage))
     assert any("affine" in stage for stage in seen)
-    assert results.transform.IsA("vtkMRMLGridTransformNode")
+    assert results.transform.GetClassName() == "vtkMRMLTransformNode"        # the compact composite (issue 24)
+    assert results.transform.GetTransformFromParent().IsA("vtkGeneralTransform")
     assert results.transform.GetName() == "phantom moving to phantom fixed"
     assert results.warped.GetName() == "phantom moving warped to phantom fixed"
     assert results.jacobian is not None and results.qc["folding_percent"] >= 0.0
@@ -331,11 +332,12 @@ def test_parameter_names_in_the_ui_match_the_parameter_node(module):
     assert 'set(EXTENSION_SCREENSHOTURLS "")' in top and "Resources/requirements.txt" in top
 
 
-def test_output_transform_selector_offers_grid_transforms_only(ctx, pair_nodes):
+def test_output_transform_selector_offers_general_and_grid_transforms_only(ctx, pair_nodes):
     tree = ET.parse(UI_FILE)
     selector = next(w for w in tree.iter("widget") if w.get("name") == "outputTransformSelector")
     types_ = [s.text for p in selector.iter("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
-    assert types_ == ["vtkMRMLGridTransformNode"]
+    assert types_ == ["vtkMRMLTransformNode", "vtkMRMLGridTransformNode"]      # no linear or B-spline nodes
+    assert any(p.get("name") == "showChildNodeTypes" and p.find("bool").text == "false" for p in selector.iter("property"))
     from JointRegSegLib.mrml import check_outputs
     linear = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "rigid")
     with pytest.raises(JointRegSegError, match="displacement field"):

@@ -164,7 +164,7 @@ def test_runs_guide_export_and_add_case_leave_no_orphan_nodes(module, ctx, tiny_
     first = logic.process(moving, fixed, str(tiny_checkpoint), device="cpu")
     once = difference(census(ctx.scene), before)
     # one run: transform, warped, 3 segmentations, Jacobian, their display nodes, one shared colour table
-    assert once == {"vtkMRMLGridTransformNode": 1, "vtkMRMLTransformDisplayNode": 1, "vtkMRMLScalarVolumeNode": 2,
+    assert once == {"vtkMRMLTransformNode": 1, "vtkMRMLTransformDisplayNode": 1, "vtkMRMLScalarVolumeNode": 2,
                     "vtkMRMLScalarVolumeDisplayNode": 2, "vtkMRMLSegmentationNode": 3,
                     "vtkMRMLSegmentationDisplayNode": 3, "vtkMRMLColorTableNode": 1}
     for node in first.nodes().values():
@@ -381,7 +381,7 @@ def test_new_nodes_each_run_or_overwrite(module, ctx, tiny_checkpoint):
     assert first.GetID() != second.GetID() and ctx.scene.GetNodeByID(first.GetID()) is first   # both kept
     node.newNodesEachRun = False
     drive(widget)
-    assert widget.results.transform is second and ctx.scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode") == 2
+    assert widget.results.transform is second and ctx.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 2
     assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 6
     assert "vtkMRMLLabelMapVolumeDisplayNode" not in census(ctx.scene)
 
