@@ -53,7 +53,8 @@ STAGE_WORDS = {
     "starting": "Starting the engine…", "starting the engine": "Starting the engine…",
     "validate inputs": "Checking the volumes…", "load model": "Loading the model…",
     "affine pre-alignment": "Aligning the volumes (affine)…", "resample to working grid": "Preparing the volumes…",
-    "find the brains": "Finding the brain in each volume…", "network inference": "Running the network…", "velocity scale": "Choosing the deformation's strength…",
+    "find the brains": "Finding the brain in each volume…", "network inference": "Running the network…",
+    "velocity scale": "Choosing the deformation's strength…",
     "test-time refinement": "Refining the alignment…",
     "compose transform": "Building the transform…", "warp moving": "Warping the moving volume…",
     "segmentations": "Segmenting both volumes…", "quality control": "Checking the result…",
@@ -83,7 +84,8 @@ class JointRegSeg(ScriptedLoadableModule):
             "Registers a moving volume onto a fixed volume with a trained deep network and segments both. "
             "Outputs: a transform (an affine and a displacement field: apply it to the moving volume, or harden "
             "it, to align it), the warped moving volume, segmentations of the fixed and the moving image and the "
-            "moving segmentation warped onto the fixed one (segments carry standard SNOMED CT terminology), and quality measures (folding, Jacobian map, "
+            "moving segmentation warped onto the fixed one (segments carry standard SNOMED CT terminology), and "
+            "quality measures (folding, Jacobian map, "
             "structure volumes). Work runs in a separate process kept warm between runs; Cancel stops it and "
             "leaves the scene as it was. <b>{notice}</b>").format(notice=RESEARCH_NOTICE) + CITATIONS
         self.parent.acknowledgementText = _(

@@ -526,7 +526,8 @@ def load_results(scene, out_dir: Path, moving_node, fixed_node, outputs: dict | 
                 _fill_volume(node_for("jacobian", "vtkMRMLScalarVolumeNode",
                                       f"{moving_name} to {fixed_name} Jacobian determinant"), read["jacobian"])
             for role, mask in masks.items():
-                volume_node, name = (fixed_node, fixed_name) if role == "fixed_brain_mask" else (moving_node, moving_name)
+                on_fixed = role == "fixed_brain_mask"
+                volume_node, name = (fixed_node, fixed_name) if on_fixed else (moving_node, moving_name)
                 _fill_segmentation(node_for(role, "vtkMRMLSegmentationNode", f"{name} brain mask"),
                                    sitk.Cast(mask != 0, sitk.sitkUInt8), [BRAIN_MASK_ENTRY], volume_node)
             _into_existing(scene, results, outputs)
