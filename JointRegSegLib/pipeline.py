@@ -10,7 +10,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import selfcheck
 from .affine import affine_prealign
+from .brainmask import full_resolution_mask, locate_brain, mask_image, masked
 from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from .checkpoint import JointRegSegModel, load_model
@@ -21,6 +23,7 @@ from .geometry import (border_taper, canonical_storage, displacement_image, disp
                        voxel_ddf_to_mm, working_grid)
 from .errors import CheckpointError, InputImageError
 from .imageio import label_image_like, validate_volume
+from .input_checks import input_warnings
 from .intensity import normalize
 from .networks import cascade_velocity
 from .progress import Reporter
@@ -42,6 +45,8 @@ class Result:
     qc: dict = field(default_factory=dict)
     working_displacement: sitk.Image | None = None  # the deformable part (mm, float64) on the working grid
     _displacement: sitk.Image | None = field(default=None, repr=False, compare=False)
+    fixed_brain_mask: sitk.Image | None = None      # UInt8, 1 = brain; models that output a brain mask
+    moving_brain_mask: sitk.Image | None = None     # on the moving grid
 
     @property
     def transform(self) -> sitk.CompositeTransform:
@@ -147,68 +152,124 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     if scale_search and not scales:
         raise ValueError(f"scale_search: the model card of {card.get('name', 'this model')!r} lists no "
                          "`inference.scales` to choose from")
-    velocity_scale = 1.0
-    if affine:
-        with reporter.stage("affine pre-alignment") as stage:
-            # on canonically ordered copies: the result must not depend on how the files store their axes
-            if affine_method == "torch":
-                affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card, torch_device,
-                                           network=model.network)
-            else:
-                affine_tx = affine_prealign(canonical_storage(moving), canonical_storage(fixed),
-                                            on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
-    with reporter.stage("resample to working grid"):
-        grid = working_grid(fixed, card)
-        fixed_w = resample(fixed, grid, default=_background(fixed))
-        moving_w = resample(moving, grid, affine_tx, default=_background(moving))
-
-        guide = None
-        if guide_labels is not None:
-            guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
-                     ((guide_labels[0], affine_tx, "moving"), (guide_labels[1], None, "fixed"))]
-            refine_iterations = refine_iterations or 50
-
+    threshold = selfcheck.threshold_of(card)
+    masking = card.get("brain_mask", {}).get("registration") == "masked"
     refine_cfg = {**card.get("refinement", {})}
     similarity = refine_similarity or refine_cfg.get("similarity", "lncc")
     smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
-
     permutation = mirror_permutation(model.label_table) if seg_card.get("mirror_average") else None
     mirror_axis = lateral_axis(card["working_grid"].get("direction", np.eye(3).ravel()))
 
     def segment(network, image):
         return segment_probabilities(network, image, permutation, mirror_axis)
 
-    def infer(dev: torch.device):
-        network = model.network.to(dev)
-        fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
-        moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
-        with reporter.stage("network inference"), torch.no_grad():
-            velocity = cascade_velocity(network, moving_t, fixed_t, network_passes)
-            fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
-        ddf = None   # the scale search leaves the displacement of its choice: not integrated twice
-        if scale_search:
-            nonlocal velocity_scale
-            with reporter.stage("velocity scale"):
-                velocity_scale, ddf, _ = choose_velocity_scale(network, velocity, moving_t, fixed_t, scales)
-            velocity = velocity_scale * velocity
-        if refine_iterations > 0:
-            ddf = None
-            with reporter.stage("test-time refinement") as stage:
-                velocity = refine_velocity(
-                    network, velocity, moving_t, fixed_t, refine_iterations, similarity=similarity,
-                    smoothness=smoothness, learning_rate=refine_cfg.get("learning_rate", 0.05),
-                    label_guidance=None if guide is None else tuple(g.to(dev) for g in guide),
-                    on_step=lambda i, _loss: stage((i + 1) / refine_iterations))
-        with torch.no_grad():
-            if ddf is None:
-                ddf = network.displacement(velocity, fixed_t.shape[2:])
-            fixed_probs, moving_probs = joint_probabilities(
-                network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], segmentation_mode,
-                seg_card.get("largest_component", True), ddf=ddf)
-        return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu()
+    warnings_ = input_warnings(moving, fixed)
+    moving_reg, fixed_reg = moving, fixed          # what the registration sees: the brains, when the card says so
+    brain_info = None
+    if masking:
+        with reporter.stage("find the brains"), torch.no_grad():
+            network = model.network.to(torch_device)
+            locations = {role: locate_brain(image, card, lambda t: segment(network, t), torch_device)
+                         for role, image in (("moving", moving), ("fixed", fixed))}
+            fixed_reg = masked(fixed, mask_image(locations["fixed"]))
+            moving_reg = masked(moving, mask_image(locations["moving"]))
+            brain_info = {role: {"brain_ml_working_grid": round(float(loc.mask.sum()) * float(np.prod(
+                loc.grid.GetSpacing())) / 1000, 1), "grid_moved_to_brain_mm": round(loc.moved_mm, 1)}
+                for role, loc in locations.items()}
+            for role, info in brain_info.items():
+                if not 600 <= info["brain_ml_working_grid"] <= 2600:
+                    warnings_.append(f"the {role} image does not look like a head or brain MRI: the model found "
+                                     f"{info['brain_ml_working_grid']:.0f} ml of brain in it (a brain is 1000-1800 ml); "
+                                     "its results are not to be trusted")
 
-    (ddf_voxels, fixed_probs, moving_probs), used_device = run_with_cpu_fallback(infer, torch_device)
-    model.network.to(torch_device)
+    def attempt(method: str | None, stage_name: str):
+        """One registration (affine by `method`, then the network) and its self-check; nothing written."""
+        affine_tx = None
+        if affine and method is not None:
+            with reporter.stage(stage_name) as stage:
+                # on canonically ordered copies: the result must not depend on how the files store their axes
+                if method == "torch":
+                    affine_tx = prealign_torch(canonical_storage(moving_reg), canonical_storage(fixed_reg), card,
+                                               torch_device, network=model.network)
+                else:
+                    affine_tx = affine_prealign(canonical_storage(moving_reg), canonical_storage(fixed_reg),
+                                                on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
+        with reporter.stage("resample to working grid"):
+            grid = working_grid(fixed_reg, card)
+            fixed_w = resample(fixed, grid, default=_background(fixed))
+            moving_w = resample(moving, grid, affine_tx, default=_background(moving))
+            fixed_w_reg, moving_w_reg = fixed_w, moving_w
+            if masking:
+                fixed_w_reg = resample(fixed_reg, grid, default=_background(fixed))
+                moving_w_reg = resample(moving_reg, grid, affine_tx, default=_background(moving))
+            guide = None
+            if guide_labels is not None:
+                guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
+                         ((guide_labels[0], affine_tx, "moving"), (guide_labels[1], None, "fixed"))]
+        iterations = refine_iterations or (50 if guide is not None else 0)
+
+        def infer(dev: torch.device):
+            network = model.network.to(dev)
+            fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
+            moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
+            fixed_r, moving_r = fixed_t, moving_t
+            if masking:
+                fixed_r = normalize(to_tensor(fixed_w_reg, dev), card["intensity"])
+                moving_r = normalize(to_tensor(moving_w_reg, dev), card["intensity"])
+            scale = 1.0
+            with reporter.stage("network inference"), torch.no_grad():
+                velocity = cascade_velocity(network, moving_r, fixed_r, network_passes)
+                fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
+            ddf = None   # the scale search leaves the displacement of its choice: not integrated twice
+            if scale_search:
+                with reporter.stage("velocity scale"):
+                    scale, ddf, _ = choose_velocity_scale(network, velocity, moving_r, fixed_r, scales)
+                velocity = scale * velocity
+            if iterations > 0:
+                ddf = None
+                with reporter.stage("test-time refinement") as stage:
+                    velocity = refine_velocity(
+                        network, velocity, moving_r, fixed_r, iterations, similarity=similarity,
+                        smoothness=smoothness, learning_rate=refine_cfg.get("learning_rate", 0.05),
+                        label_guidance=None if guide is None else tuple(g.to(dev) for g in guide),
+                        on_step=lambda i, _loss: stage((i + 1) / iterations))
+            with torch.no_grad():
+                if ddf is None:
+                    ddf = network.displacement(velocity, fixed_t.shape[2:])
+                # the self-check: the fixed image's own segmentation against the moving one carried over
+                scores = selfcheck.agreement(fixed_probs, network.warp(moving_probs, ddf), model.label_table)
+                mean = selfcheck.summary(scores)
+                # a registration that fails its check never feeds the fixed segmentation: the network's own
+                mode = segmentation_mode if selfcheck.status(mean, threshold) == "ok" else "network"
+                fixed_probs, moving_probs = joint_probabilities(
+                    network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], mode,
+                    seg_card.get("largest_component", True), ddf=ddf)
+            return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu(), scale, scores, mean, mode
+
+        outcome, used = run_with_cpu_fallback(infer, torch_device)
+        model.network.to(torch_device)
+        return {"affine": affine_tx, "grid": grid, "outcome": outcome, "device": used, "method": method,
+                "iterations": iterations}
+
+    methods = [affine_method if affine else None]
+    if affine and card.get("self_check", {}).get("rescue", True):
+        methods.append("classical" if affine_method == "torch" else "torch")
+    attempts = []
+    for number, method in enumerate(methods):
+        run = attempt(method, "affine pre-alignment" if number == 0 else f"rescue: {method} affine")
+        attempts.append(run)
+        if selfcheck.status(run["outcome"][5], threshold) == "ok":
+            break
+    best = max(attempts, key=lambda a: -1.0 if a["outcome"][5] is None else a["outcome"][5])
+    affine_tx, grid, used_device = best["affine"], best["grid"], best["device"]
+    ddf_voxels, fixed_probs, moving_probs, velocity_scale, scores, agreement_mean, used_mode = best["outcome"]
+    registration_status = selfcheck.status(agreement_mean, threshold)
+    if registration_status == "check":
+        tried = ", ".join(f"{a['method'] or 'no'} affine ({a['outcome'][5]})" for a in attempts)
+        warnings_.append(f"the registration needs checking: the fixed image's own segmentation and the moving "
+                         f"segmentation carried by the registration agree only {agreement_mean} (mean Dice; 'ok' "
+                         f"needs {threshold}); tried: {tried}. The fixed segmentation is the network's own, "
+                         "without fusion; look at the QC picture before using the transform")
 
     with reporter.stage("compose transform"):
         working_mm = voxel_ddf_to_mm(ddf_voxels, grid) * border_taper(ddf_voxels.shape[1:])[..., None]
@@ -229,6 +290,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         fixed_seg = label_image_like(fixed_labels, fixed)
         moving_seg = label_image_like(moving_labels, moving)
         warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)
+        fixed_mask = moving_mask = None
+        if card.get("brain_mask", {}).get("output"):
+            fixed_mask, moving_mask = full_resolution_mask(fixed_labels, fixed), full_resolution_mask(moving_labels, moving)
     with reporter.stage("quality control"):
         det = jacobian_determinant_of_transform(transform, fixed)
         jac = determinant_stats(det)
@@ -236,28 +300,43 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         det_image.CopyInformation(fixed)
         qc = {
             **jac,
+            "registration_status": registration_status,
+            "agreement_mean": agreement_mean,
+            "agreement_threshold": threshold,
+            "agreement_dice": scores,
+            "registration_attempts": [{"affine_method": a["method"], "agreement_mean": a["outcome"][5],
+                                       "segmentation_mode": a["outcome"][6]} for a in attempts],
+            "warnings": warnings_,
             "fixed_volumes_ml": label_volumes_ml(fixed_labels, fixed.GetSpacing(), model.label_table),
             "moving_volumes_ml": label_volumes_ml(moving_labels, moving.GetSpacing(), model.label_table),
             "device": str(used_device),
             "model": card.get("name", "unnamed"),
             "affine_prealignment": affine,
-            "affine_method": affine_method if affine else None,
-            "segmentation_mode": segmentation_mode,
+            "affine_method": best["method"] if affine else None,
+            "registration_on_brain_masks": masking,
+            "segmentation_mode": used_mode,
             "network_passes": network_passes,
             "velocity_scale": velocity_scale,
             "segmentation_mirror_average": permutation is not None,
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
             "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,
-            "refine_iterations": int(refine_iterations),
-            "refine_similarity": similarity if refine_iterations else None,
+            "refine_iterations": int(best["iterations"]),
+            "refine_similarity": similarity if best["iterations"] else None,
             "working_grid": {"size": list(grid.GetSize()), "spacing": list(grid.GetSpacing())},
             "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()),
         }
+        if brain_info is not None:
+            qc["brain"] = brain_info
+        if fixed_mask is not None:
+            for role, mask in (("fixed", fixed_mask), ("moving", moving_mask)):
+                qc[f"{role}_brain_mask_ml"] = round(float(sitk.GetArrayViewFromImage(mask).sum()) *
+                                                    float(np.prod(mask.GetSpacing())) / 1000, 2)
         qc["volume_flags"] = volume_flags(qc["fixed_volumes_ml"], qc["moving_volumes_ml"], fixed, moving,
                                           model.label_table)
     qc["timing_s"] = dict(reporter.timings)
     qc["timing_s"]["total"] = round(time.perf_counter() - started, 4)
     return Result(working_displacement=working_disp, affine=affine_tx, warped=warped, fixed_segmentation=fixed_seg,
                   moving_segmentation=moving_seg, warped_moving_segmentation=warped_seg,
-                  jacobian_determinant=det_image, label_table=copy.deepcopy(model.label_table), qc=qc)
+                  jacobian_determinant=det_image, label_table=copy.deepcopy(model.label_table), qc=qc,
+                  fixed_brain_mask=fixed_mask, moving_brain_mask=moving_mask)

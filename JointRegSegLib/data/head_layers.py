@@ -65,7 +65,8 @@ def add_head(generation: torch.Tensor, brain: torch.Tensor, distance_mm: torch.T
     edge = 0.0
     for k, (low, high) in enumerate(THICKNESS_MM):
         thickness = rng.uniform(low, high)
-        layer = outside & (distance > edge) & (distance <= edge + thickness)
+        # the first layer takes every outside voxel up to its edge: the wobble never opens a gap at the brain
+        layer = outside & (distance <= edge + thickness) & ((distance > edge) if k else True)
         out[layer] = HEAD_LABEL_BASE + k
         edge += thickness
     head_edge = edge

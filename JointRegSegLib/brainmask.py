@@ -1,0 +1,95 @@
+"""Find the brain in a head: the model's own segmentation, before any registration.
+
+A raw scan holds skull, scalp, eyes and neck around the brain, and its intensity centre of mass can lie
+well below the brain (a neck in the field of view). A model whose card asks for it (`brain_mask.registration`
+= "masked") segments each image once on a grid centred on that centre of mass, moves the grid to the centre
+of the brain it found (and segments again when it moved), and then registers the brains only: the learned
+affine, its MI polish, the classical affine and the deformable network all see each image masked to its
+own brain, as they were trained (brain-extracted images). The segmentation itself always sees the whole
+image: it was trained on heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .geometry import make_grid, resample, to_tensor, working_grid
+from .intensity import normalize
+
+RECENTRE_MM = 4.0          # a brain centre closer than this to the grid's centre is left where it is
+
+
+@dataclass
+class BrainLocation:
+    grid: sitk.Image             # working grid centred on the brain
+    image: sitk.Image            # the image resampled onto it
+    probabilities: torch.Tensor  # segmentation probabilities there (1, C, z, y, x), mirror-averaged as the card says
+    mask: np.ndarray             # (z, y, x) bool: the brain on `grid`
+    moved_mm: float              # how far the grid moved from the centre of mass
+
+
+def background_value(image: sitk.Image) -> float:
+    return float(sitk.GetArrayViewFromImage(image).min())
+
+
+def brain_of(probabilities: torch.Tensor) -> np.ndarray:
+    """Brain voxels: where background is not the most likely class, holes filled (ventricles, a dark
+    structure the network missed), the largest connected piece kept."""
+    labels = probabilities[0].max(0).indices.cpu().numpy() > 0
+    if not labels.any():
+        return labels
+    mask = sitk.GetImageFromArray(labels.astype(np.uint8))
+    pieces = sitk.ConnectedComponent(mask)
+    largest = sitk.RelabelComponent(pieces, sortByObjectSize=True) == 1
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(bool)
+
+
+def _centroid(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    k, j, i = (float(v.mean()) for v in np.nonzero(mask))
+    return np.array(grid.TransformContinuousIndexToPhysicalPoint((i, j, k)))
+
+
+def locate_brain(image: sitk.Image, card: dict, segment, device, iterations: int = 2) -> BrainLocation:
+    """Segment `image` on the card's working grid, re-centred on the brain it finds (see the module)."""
+    grid = working_grid(image, card)
+    start = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()]))
+    spec = card["working_grid"]
+    direction = np.array(spec.get("direction", np.eye(3).ravel()), float).reshape(3, 3)
+    for attempt in range(iterations + 1):
+        image_w = resample(image, grid, default=background_value(image))
+        with torch.no_grad():
+            probabilities = segment(normalize(to_tensor(image_w, device), card["intensity"]))
+        mask = brain_of(probabilities)
+        if not mask.any() or attempt == iterations:
+            break
+        centre = _centroid(mask, grid)
+        current = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()]))
+        if np.linalg.norm(centre - current) < RECENTRE_MM:
+            break
+        grid = make_grid(spec["size"], spec["spacing"], direction, centre)
+    moved = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])) - start
+    return BrainLocation(grid, image_w, probabilities, mask, float(np.linalg.norm(moved)))
+
+
+def mask_image(location: BrainLocation) -> sitk.Image:
+    """The brain mask on the location's grid as a UInt8 image with that geometry."""
+    out = sitk.GetImageFromArray(location.mask.astype(np.uint8))
+    out.CopyInformation(location.grid)
+    return out
+
+
+def masked(image: sitk.Image, brain: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """`image` with everything outside `brain` (a mask on any grid, mapped by `transform` from the image's
+    space to the mask's) set to the image's background: what a skull-stripping tool hands over."""
+    on_image = resample(brain, image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Mask(image, on_image, outsideValue=background_value(image))
+
+
+def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:
+    """The brain mask of a full-resolution label map (any structure, holes filled) on `like`'s grid."""
+    mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
+    mask.CopyInformation(like)
+    return sitk.BinaryFillhole(mask)
