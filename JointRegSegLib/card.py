@@ -49,17 +49,28 @@ def validate_card(card: dict, source: str = "model card") -> dict:
 
 
 def _sniff(path: Path) -> str | None:
-    """Name a file type that is clearly not safetensors, from its first bytes."""
+    """Name a file type that is clearly not safetensors, from its first bytes (a safetensors file starts
+    with its 8-byte header length and then the header's "{")."""
     with open(path, "rb") as handle:
-        head = handle.read(16)
+        head = handle.read(348)
     if len(head) < 8:
-        return f"file is only {len(head)} bytes long"
+        return f"the file is only {len(head)} bytes long"
     if head[:2] == b"PK":
-        return "it is a zip archive (a PyTorch torch.save checkpoint?); JointRegSeg never unpickles files"
+        return "it is a zip archive, e.g. a PyTorch torch.save checkpoint; JointRegSeg never unpickles files"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "it is a Python pickle; JointRegSeg never unpickles files"
     if head[:4] == b"\x89HDF":
-        return "it is an HDF5 file"
+        return "it is an HDF5 file, e.g. an ITK transform"
+    if head[:2] == b"\x1f\x8b":
+        return "it is a gzip-compressed file, e.g. a .nii.gz image"
+    if head[:4] == b"NRRD":
+        return "it is an NRRD image"
+    if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2"):
+        return "it is a NIfTI image"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "it is a PNG picture"
+    if len(head) > 8 and head[8:9] != b"{":
+        return "it is not a safetensors file: no JSON header after its first 8 bytes"
     return None
 
 
@@ -70,10 +81,11 @@ def read_card(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"model file not found: {path}")
     reason = _sniff(path)
     if reason:
-        raise CheckpointError(f"{path}: not a JointRegSeg safetensors checkpoint: {reason}")
+        raise CheckpointError(f"{path}: not a JointRegSeg checkpoint ({reason})")
     metadata = _safetensors_metadata(path)
     if CARD_KEY not in metadata:
-        raise CheckpointError(f"{path}: safetensors file has no JointRegSeg model card in its metadata")
+        raise CheckpointError(f"{path}: not a JointRegSeg checkpoint (the safetensors file has no JointRegSeg "
+                              "model card in its metadata)")
     try:
         card = json.loads(metadata[CARD_KEY])
     except json.JSONDecodeError as err:
@@ -107,3 +119,84 @@ def _safetensors_metadata(path: Path) -> dict:
         raise CheckpointError(f"{path}: the file is truncated ({size} bytes, the header describes "
                               f"{8 + header_length + data_end})")
     return header.get("__metadata__") or {}
+
+
+def _wrapped(label: str, text: str, width: int = 100) -> list[str]:
+    import textwrap
+    return textwrap.wrap(text, width=width, initial_indent=f"  {label}: ", subsequent_indent="      ",
+                         break_on_hyphens=False) or [f"  {label}:"]
+
+
+def _listed(label: str, items: list[str], width: int = 100) -> list[str]:
+    """`items` joined by commas, wrapped between items only."""
+    lines, line = [], f"  {label}: "
+    for number, item in enumerate(items):
+        piece = item + ("," if number < len(items) - 1 else "")
+        if len(line) + len(piece) > width and line.strip() and not line.endswith(": "):
+            lines.append(line.rstrip())
+            line = "      "
+        line += piece + " "
+    return lines + [line.rstrip()]
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(card: dict) -> list[str]:
+    """A readable summary of a model card (what `jointregseg info` prints; `--json` prints the whole card):
+    name, description, the label table, the working grid, how and on what it was trained, the licence
+    when the card names one, and the headline metrics."""
+    lines = _wrapped(card.get("name", "unnamed model"), card.get("description", ""))
+    lines[0] = lines[0][2:]
+    architecture = card.get("architecture", {})
+    parameters = card.get("parameter_count")
+    lines.append(f"  architecture: {architecture.get('name', '?')}"
+                 + (f", {parameters:,} parameters" if isinstance(parameters, int) else ""))
+    lines += _wrapped("modality", str(card.get("modality", "?")))
+    intensity = card.get("intensity", {})
+    lines.append("  intensity: " + " ".join(f"{key} {value}" for key, value in intensity.items()))
+    grid = card["working_grid"]
+    lines.append(f"  working grid: {grid['size']} voxels at {grid['spacing']} mm")
+    structures = [e for e in card["labels"] if int(e["value"])]
+    lines += _listed(f"labels ({len(structures)} structures)", [f"{e['value']}={e['name']}" for e in structures])
+    if card.get("weights_sha256"):
+        lines.append(f"  weights checksum: sha256 {card['weights_sha256'][:16]}... (verified when the model loads)")
+    else:
+        lines.append("  weights checksum: MISSING - an unsigned checkpoint whose weights cannot be verified; "
+                     "`run` refuses it unless --trust-unsigned")
+    training = card.get("training")
+    if isinstance(training, dict):
+        parts = [f"strategy {training['strategy']}"] if training.get("strategy") else []
+        config = training.get("config") if isinstance(training.get("config"), dict) else {}
+        steps = training.get("steps", config.get("steps"))
+        if isinstance(steps, int):
+            parts.append(f"{steps:,} steps")
+        for key in ("paper", "device"):
+            if isinstance(training.get(key), str):
+                parts.append(f"{key} {training[key]}")
+        parent = card.get("parent") or (card.get("finetune") or {}).get("parent")
+        if parent:
+            parts.append(f"fine-tuned from {parent}")
+        lines += _wrapped("training", "; ".join(parts) or "(see --json)")
+    data = card.get("data")
+    if isinstance(data, dict):
+        sources = data.get("sources") or []
+        names = [s.get("name", "?") if isinstance(s, dict) else str(s) for s in sources]
+        if names:
+            lines += _listed(f"data ({len(names)} source{'s' if len(names) != 1 else ''})", names)
+        if isinstance(data.get("held_out"), str):
+            lines += _wrapped("held out", data["held_out"])
+    licence = card.get("licence", card.get("license"))
+    if licence:
+        lines += _wrapped("licence", licence if isinstance(licence, str) else json.dumps(licence))
+    metrics = card.get("metrics")
+    if isinstance(metrics, dict):
+        headline = [f"{key} {_number(value)}" for key, value in metrics.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if headline:
+            lines += _listed("metrics", headline)
+        if isinstance(metrics.get("note"), str):
+            lines += _wrapped("metrics note", metrics["note"])
+    lines.append("  (the whole card: jointregseg info --json MODEL)")
+    return lines

@@ -61,6 +61,17 @@ def _weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _new_file_mode() -> int:
+    """The mode a newly created file gets here (0o666 less the umask: 0644 under the usual umask 022)."""
+    try:   # Linux names the umask without changing it (os.umask must set one to read it)
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_model(model: JointRegSegModel, path: str | os.PathLike) -> Path:
     """Write the model as one .safetensors file, atomically."""
     path = Path(path)
@@ -75,6 +86,7 @@ def save_model(model: JointRegSegModel, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={CARD_KEY: json.dumps(card)})
+        os.chmod(tmp, _new_file_mode())   # mkstemp makes it 0600; a model is shared like the other outputs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

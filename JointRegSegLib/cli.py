@@ -216,25 +216,12 @@ class _Loaded:
 
 
 def _cmd_info(args) -> int:
-    from .card import read_card
+    from .card import read_card, summary_lines
     card = read_card(args.checkpoint)
     if args.json:
         print(json.dumps(card, indent=2))
         return 0
-    print(f"{card.get('name', 'unnamed')} — {card.get('description', '')}")
-    print(f"  architecture: {card['architecture'].get('name')}  parameters: {card.get('parameter_count', '?')}")
-    print(f"  modality: {card.get('modality', '?')}  intensity: {card['intensity']}")
-    grid = card["working_grid"]
-    print(f"  working grid: {grid['size']} voxels at {grid['spacing']} mm")
-    print("  labels: " + ", ".join(f"{e['value']}={e['name']}" for e in card["labels"] if e["value"]))
-    if card.get("weights_sha256"):
-        print(f"  weights checksum: sha256 {card['weights_sha256'][:16]}... (verified when the model loads)")
-    else:
-        print("  weights checksum: MISSING - an unsigned checkpoint whose weights cannot be verified; "
-              "`run` refuses it unless --trust-unsigned")
-    for key in ("training", "data", "metrics"):
-        if key in card:
-            print(f"  {key}: {json.dumps(card[key])}")
+    print("\n".join(summary_lines(card)))
     return 0
 
 
@@ -283,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores; README: Cohorts)")
     run.set_defaults(func=_cmd_run)
     info = sub.add_parser("info", help="print a checkpoint's model card", formatter_class=_HelpFormatter,
-                          description="Print a checkpoint's model card (without loading its weights).")
+                          description="Print a summary of a checkpoint's model card (without loading its weights); "
+                                      "--json prints the whole card.")
     info.add_argument("checkpoint", help="a .safetensors checkpoint")
     info.add_argument("--json", action="store_true", help="print the whole card as JSON")
     info.set_defaults(func=_cmd_info)
@@ -377,8 +365,14 @@ def console_main() -> None:
     interpreter's teardown. Unloading torch and MONAI took 0.40-0.48 s after every command had finished
     (about a tenth of a cold `run`); by then every output is written, closed and moved into place, so the
     process leaves at once with main's status. An exception still ends the normal way, with its traceback."""
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # whoever read stdout stopped reading (`jointregseg info MODEL | head`): nothing more to say, no
+        # traceback; the status is a broken pipe's, as for commands that SIGPIPE ends (128 + 13)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 1)
 

@@ -8,9 +8,6 @@ from pathlib import Path
 
 from .imageio import check_output_dir, read_image
 from .models import REPO_ROOT, default_model_path
-from .outputs import write_result
-from .pipeline import register_and_segment
-from .progress import stderr_progress
 
 SAMPLES = REPO_ROOT / "Resources" / "SampleData"
 
@@ -20,11 +17,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="demo_output")
     parser.add_argument("--refine", type=int, default=30)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores, as `jointregseg run`)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*native grid_sample.*")
     warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     # the demo replaces its own earlier outputs (never other files in the folder)
     check_output_dir(args.out, overwrite=True)
+    # `run`'s thread decision: the cores other programs leave free, measured while torch and MONAI import
+    # (on a busy machine more threads than free cores make the refinement several times slower)
+    from . import import_monai_lean
+    from .threads import configure_threads, describe
+    choice = configure_threads(args.threads, warmup=import_monai_lean)
+    print(f"threads: {describe(choice)}", file=sys.stderr)
+    from .outputs import write_result
+    from .pipeline import register_and_segment
+    from .progress import stderr_progress
     moving = read_image(SAMPLES / "colin27_t1_brain_2mm.nii.gz", "moving")
     fixed = read_image(SAMPLES / "itk_subject_t1_brain.nii.gz", "fixed")
     model = default_model_path()

@@ -199,12 +199,19 @@ def _check_nifti(path: Path, role: str) -> None:
         raise InputImageError(f"{role}: volume {path} contains {non_finite[0]} NaN or infinite voxels")
 
 
+# formats whose voxel data are compressed inside the file (so its size says nothing about truncation) and
+# whose readers check their own data: PNG, JPEG, TIFF (strip byte counts), MINC (HDF5)
+_SELF_CHECKED = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mnc", ".mnc2")
+
+
 def _check_data_length(path: Path, image: sitk.Image, role: str) -> None:
     """Other single-file formats: the file (decompressed) must at least hold every voxel's bytes."""
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".hdr.gz", ".nrrd", ".nhdr", ".mha", ".mhd",
                       ".dcm")):
         return  # checked exactly above (NIfTI) or by SimpleITK itself (NRRD, MetaImage, DICOM)
+    if name.endswith(_SELF_CHECKED) or image.GetDimension() < 3:
+        return  # compressed by the format; a 2D image is refused by validate_volume ("expected a 3D volume")
     needed = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * \
         np.dtype(_sitk_numpy_type(image.GetPixelID())).itemsize
     with open(path, "rb") as handle:

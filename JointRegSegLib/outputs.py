@@ -33,8 +33,32 @@ MASK_FILES = {
 }
 
 
+# Slicer's segment terminology (as mrml.terminology_entry, without importing slicer): SNOMED CT codes from
+# the label table's `terminology` entries ({"category", "type", "modifier"}: [scheme, code, meaning]) in the
+# extension's terminology context (JointRegSeg/Resources/SegmentationCategoryTypeModifier-JointRegSeg.term.json)
+TERMINOLOGY_CONTEXT = "Segmentation category and type - JointRegSeg"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+
+
+def segment_tags(entry: dict) -> str:
+    """A .seg.nrrd segment's Tags field: "TerminologyEntry:<entry>|" in the serialization of Slicer's
+    vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry when the label has a terminology, else "|"."""
+    codes = entry.get("terminology") or {}
+    if not codes.get("type"):
+        return "|"
+
+    def coded(value) -> str:
+        return "^".join(str(part) for part in value) if value else "^^"
+
+    serialized = "~".join([TERMINOLOGY_CONTEXT, coded(codes.get("category") or ANATOMICAL_STRUCTURE),
+                           coded(codes["type"]), coded(codes.get("modifier")), ANATOMIC_CONTEXT, "^^", "^^"])
+    return f"TerminologyEntry:{serialized}|"
+
+
 def write_slicer_segmentation(labels: sitk.Image, label_table: list, path: str | os.PathLike) -> None:
-    """A Slicer .seg.nrrd (one layer, a segment per label present in the table) with names and colours."""
+    """A Slicer .seg.nrrd (one layer, a segment per label present in the table) with names, colours and,
+    for labels that have one in the table, the terminology (so Slicer shows the structure, not a generic segment)."""
     image = sitk.Cast(labels, sitk.sitkUInt8)
     size = image.GetSize()
     extent = f"0 {size[0] - 1} 0 {size[1] - 1} 0 {size[2] - 1}"
@@ -55,7 +79,7 @@ def write_slicer_segmentation(labels: sitk.Image, label_table: list, path: str |
         image.SetMetaData(key + "LabelValue", str(int(entry["value"])))
         image.SetMetaData(key + "Layer", "0")
         image.SetMetaData(key + "Extent", extent)
-        image.SetMetaData(key + "Tags", "|")
+        image.SetMetaData(key + "Tags", segment_tags(entry))
         index += 1
     sitk.WriteImage(image, str(path), True)
 
@@ -113,7 +137,8 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
     (an old report) are removed, so old and new outputs never mix.
 
     transform.h5 is an ITK composite transform (the affine + the displacement field on the model's working
-    grid): exact, a few MB whatever the fixed image's size. displacement_field.nii.gz is the same transform
+    grid): exact, 24 bytes per working-grid voxel (ITK stores float64; 14.7 MB for an 80x96x80 grid) whatever
+    the fixed image's size. displacement_field.nii.gz is the same transform
     sampled on the fixed grid as float32 vectors (mm), in a gzip stream without compression (write_stored_gzip).
     fixed_brain_mask.nii.gz / moving_brain_mask.nii.gz (MASK_FILES) when the result holds brain masks.
     """

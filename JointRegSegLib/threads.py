@@ -178,6 +178,21 @@ def configure_threads(requested: int | None = None, warmup=None, workers: int | 
     return choice
 
 
+def configure_command_threads(requested: int | None = None, modules: tuple[str, ...] = ("monai",)) -> dict:
+    """`run`'s thread decision for the other computing commands (evaluate, train, finetune, data build, the
+    Slicer warm worker): `--threads`, else JOINTREGSEG_THREADS, else the free cores, with the load of other
+    programs measured while torch and `modules` import (full imports: these commands may need MONAI's
+    optional parts, which `run`'s lean import leaves out)."""
+    import importlib
+
+    def warmup():
+        import torch  # noqa: F401
+        for name in modules:
+            importlib.import_module(name)
+
+    return configure_threads(requested, warmup=warmup)
+
+
 def describe(choice: dict) -> str:
     text = f"{choice['threads']} thread{'s' if choice['threads'] != 1 else ''} ({choice['source']}"
     if choice["source"] == "auto":

@@ -573,8 +573,10 @@ def serve(stdin=None) -> int:
             events.flush()
 
     quiet_known_warnings()
-    import torch  # noqa: F401  (the expensive imports, once)
-    from . import pipeline  # noqa: F401
+    from .threads import configure_command_threads
+    # the expensive imports, once, while `run`'s thread decision measures the load of other programs
+    choice = configure_command_threads(modules=(f"{__package__}.pipeline",))
+    import torch
     requests: queue.Queue = queue.Queue()
     cancels: dict[str, threading.Event] = {}
 
@@ -598,7 +600,7 @@ def serve(stdin=None) -> int:
 
     threading.Thread(target=read_requests, daemon=True).start()
     send({"event": "ready", "pid": os.getpid(), "cuda": bool(torch.cuda.is_available()),
-          "python": sys.executable})
+          "python": sys.executable, "threads": choice["threads"], "thread_source": choice["source"]})
     cache = _ModelCache()
     while True:
         request = requests.get()

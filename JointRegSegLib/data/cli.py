@@ -4,6 +4,10 @@ from __future__ import annotations
 
 def _cmd_build(args) -> int:
     from ..progress import stderr_progress
+    from ..threads import configure_command_threads
+    # `run`'s thread decision (--threads, else the free cores), measured while the builder's modules import
+    configure_command_threads(args.threads, modules=(f"{__package__}.build_heldout" if args.held_out
+                                                     else f"{__package__}.build",))
     if args.held_out:
         from .build_heldout import build_heldout_dataset
         out = build_heldout_dataset(args.out, seed=args.seed, n_train=args.train, n_val=args.val,
@@ -29,4 +33,6 @@ def register(sub) -> None:
                        help="synthesise training subjects from every offline source except this anatomy and "
                             "validate on it (the generalisation protocol of benchmarks/methods_study.py)")
     build.add_argument("--spacing", type=float, default=2.5, help="working-grid spacing in mm (with --held-out)")
+    build.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores, as `run`)")
     build.set_defaults(func=_cmd_build)

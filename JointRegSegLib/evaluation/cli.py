@@ -6,12 +6,17 @@ from pathlib import Path
 
 def _cmd_evaluate(args) -> int:
     from ..card import read_card
+    from ..threads import configure_command_threads
     from ..errors import JointRegSegError
     from ..progress import stderr_progress
     from .evaluate import environment_lines, evaluate, read_pairs, write_evaluation
     from .methods import AffineOnly, ExternalMethod, Identity, JointRegSegMethod
+    configure_command_threads(args.threads)   # `run`'s thread decision (--threads, else the free cores)
     pairs = read_pairs(args.pairs)
-    models = args.model or []
+    models = list(args.model) if isinstance(args.model, (list, tuple)) else [args.model] if args.model else []
+    if not models:   # no --model: the embedded default model, as `run`
+        from ..models import default_model_path
+        models = [default_model_path()]
     methods = [{"identity": Identity, "affine": AffineOnly}[b]() for b in args.baseline]
     for model in models:
         for refine in sorted(set(args.refine or [0])):
@@ -43,7 +48,8 @@ def register(sub) -> None:
     ev = sub.add_parser("evaluate", help="registration/segmentation accuracy, smoothness, time and memory on "
                                          "labelled pairs")
     ev.add_argument("--pairs", required=True, help="CSV with columns moving, fixed, moving_labels, fixed_labels")
-    ev.add_argument("--model", action="append", help="checkpoint to evaluate (repeatable)")
+    ev.add_argument("--model", action="append",
+                    help="checkpoint to evaluate (repeatable; default: the embedded brain model)")
     ev.add_argument("--refine", type=int, action="append", metavar="N",
                     help="test-time refinement iterations (repeatable: each model is run with each)")
     ev.add_argument("--baseline", action="append", default=[], choices=["identity", "affine"])
@@ -52,5 +58,7 @@ def register(sub) -> None:
     ev.add_argument("--reference", default=None, help="method whose time the speed-ups are relative to")
     ev.add_argument("--labels", default=None, help="label table JSON (default: the first model's)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores, as `run`)")
     ev.add_argument("--out", required=True, help="output folder")
     ev.set_defaults(func=_cmd_evaluate)

@@ -25,6 +25,8 @@ def _architecture(config: dict, arch: str | None) -> dict:
 
 def _cmd_train(args) -> int:
     from ..progress import stderr_progress
+    from ..threads import configure_command_threads
+    configure_command_threads(args.threads)   # `run`'s thread decision (--threads, else the free cores)
     from .train import train
     config = json.loads(Path(args.config).read_text(encoding="utf-8"))
     config["architecture"] = _architecture(config, args.arch)
@@ -47,6 +49,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from ..progress import stderr_progress
+    from ..threads import configure_command_threads
+    configure_command_threads(args.threads)
     from .finetune import finetune
     config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     if args.steps:
@@ -75,6 +79,8 @@ def register(sub) -> None:
     train.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     train.add_argument("--init", default=None, help="fine-tune from this checkpoint")
     train.add_argument("--device", default="auto")
+    train.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores, as `run`)")
     train.set_defaults(func=_cmd_train)
     tune = sub.add_parser("finetune", help="few-shot fine-tuning from corrected segmentations")
     tune.add_argument("--init", required=True, help="checkpoint to start from (never modified)")
@@ -86,4 +92,6 @@ def register(sub) -> None:
     tune.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     tune.add_argument("--config", default=None, help="JSON overriding the fine-tuning settings")
     tune.add_argument("--device", default="auto")
+    tune.add_argument("--threads", type=int, default=None, metavar="N",
+                      help="intra-op threads (default: $JOINTREGSEG_THREADS, else the free cores, as `run`)")
     tune.set_defaults(func=_cmd_finetune)
