@@ -137,7 +137,7 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
     (an old report) are removed, so old and new outputs never mix.
 
     transform.h5 is an ITK composite transform (the affine + the displacement field on the model's working
-    grid): exact, 24 bytes per working-grid voxel (ITK stores float64; 14.7 MB for an 80x96x80 grid) whatever
+    grid): exact, 24 bytes per working-grid voxel (ITK stores float64; 14.75 MB for an 80x96x80 grid) whatever
     the fixed image's size. displacement_field.nii.gz is the same transform
     sampled on the fixed grid as float32 vectors (mm), in a gzip stream without compression (write_stored_gzip).
     fixed_brain_mask.nii.gz / moving_brain_mask.nii.gz (MASK_FILES) when the result holds brain masks.
