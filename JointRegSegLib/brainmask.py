@@ -93,3 +93,28 @@ def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:
     mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
     mask.CopyInformation(like)
     return sitk.BinaryFillhole(mask)
+
+
+# T1-like intensity of each structure (any fixed contrast does: the registration network was trained on
+# random contrasts; T1's order keeps the images familiar to a reader of the code)
+T1_LIKE = {"cerebral white matter": 1.0, "cerebral cortex": 0.55, "lateral ventricle": 0.12, "third ventricle": 0.12,
+           "fourth ventricle": 0.12, "cerebrospinal fluid": 0.18, "thalamus": 0.8, "caudate": 0.62, "putamen": 0.68,
+           "pallidum": 0.85, "hippocampus": 0.55, "amygdala": 0.57, "accumbens": 0.6, "ventral diencephalon": 0.82,
+           "cerebellum": 0.72, "brainstem": 0.9}
+
+
+def rendering_intensities(label_table: list) -> torch.Tensor:
+    """Per network channel, the T1-like intensity of its structure (0 for background)."""
+    channels = max(int(e["value"]) for e in label_table) + 1
+    values = torch.zeros(channels)
+    for entry in label_table:
+        name = entry["name"].split(" ", 1)[1] if entry["name"].startswith(("left ", "right ")) else entry["name"]
+        values[int(entry["value"])] = T1_LIKE.get(name, 0.5 if entry["value"] else 0.0)
+    return values
+
+
+def render_from_segmentation(probabilities: torch.Tensor, intensities: torch.Tensor) -> torch.Tensor:
+    """An image (1, 1, z, y, x) in one fixed contrast, drawn from class probabilities: any MR contrast in, the
+    same contrast out, so the registration network compares like with like (the segmentation network was
+    trained contrast-agnostic on synthetic heads; the registration network on random contrasts)."""
+    return (probabilities * intensities.to(probabilities).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)

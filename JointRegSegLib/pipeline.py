@@ -12,7 +12,8 @@ import torch
 
 from . import selfcheck
 from .affine import affine_prealign
-from .brainmask import full_resolution_mask, locate_brain, mask_image, masked
+from .brainmask import (full_resolution_mask, locate_brain, mask_image, masked, render_from_segmentation,
+                        rendering_intensities)
 from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from .checkpoint import JointRegSegModel, load_model
@@ -182,6 +183,10 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                                      f"{info['brain_ml_working_grid']:.0f} ml of brain in it (a brain is 1000-1800 ml); "
                                      "its results are not to be trusted")
 
+    render_table = None
+    if card.get("registration_input", "images") == "segmentation":
+        render_table = rendering_intensities(model.label_table)
+
     def attempt(method: str | None, stage_name: str):
         """One registration (affine by `method`, then the network) and its self-check; nothing written."""
         affine_tx = None
@@ -218,8 +223,12 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 moving_r = normalize(to_tensor(moving_w_reg, dev), card["intensity"])
             scale = 1.0
             with reporter.stage("network inference"), torch.no_grad():
-                velocity = cascade_velocity(network, moving_r, fixed_r, network_passes)
                 fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
+                if render_table is not None:
+                    # both images in one contrast, drawn from their own segmentations (see render_from_segmentation)
+                    fixed_r = render_from_segmentation(fixed_probs, render_table)
+                    moving_r = render_from_segmentation(moving_probs, render_table)
+                velocity = cascade_velocity(network, moving_r, fixed_r, network_passes)
             ddf = None   # the scale search leaves the displacement of its choice: not integrated twice
             if scale_search:
                 with reporter.stage("velocity scale"):

@@ -141,3 +141,18 @@ def test_the_rescue_tries_the_other_affine_and_says_so(sample_pair):
     assert result.qc["registration_status"] == "check"
     best = max(a["agreement_mean"] for a in attempts)
     assert result.qc["agreement_mean"] == best
+
+
+def test_qc_picture_tells_left_from_right_by_hue_and_marks_det_j_below_one():
+    import colorsys
+    from JointRegSegLib.data.label_table import LABEL_TABLE, WHOLE_BRAIN_TABLE
+    from JointRegSegLib.report import _det_ticks, side_distinct_colours
+    for table in (LABEL_TABLE, WHOLE_BRAIN_TABLE):
+        shown = {e["name"]: e["color"] for e in side_distinct_colours(table)}
+        for name, colour in shown.items():
+            if name.startswith("left ") and "right " + name[5:] in shown:
+                left_hue = colorsys.rgb_to_hls(*colour)[0]
+                right_hue = colorsys.rgb_to_hls(*shown["right " + name[5:]])[0]
+                assert min(abs(left_hue - right_hue), 1 - abs(left_hue - right_hue)) > 0.05, name
+    ticks = _det_ticks(0.62, 1.55)
+    assert any(t < 1.0 for t in ticks if t > 0.62) and 1.0 in ticks
