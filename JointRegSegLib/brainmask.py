@@ -52,26 +52,32 @@ def _centroid(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
     return np.array(grid.TransformContinuousIndexToPhysicalPoint((i, j, k)))
 
 
-def locate_brain(image: sitk.Image, card: dict, segment, device, iterations: int = 2) -> BrainLocation:
-    """Segment `image` on the card's working grid, re-centred on the brain it finds (see the module)."""
-    grid = working_grid(image, card)
-    start = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()]))
+def locate_brain(image: sitk.Image, card: dict, segment, device, final_segment=None) -> BrainLocation:
+    """Segment `image` (`segment`: a quick pass) on the card's working grid, move the grid to the centre of the
+    brain found when it lies more than RECENTRE_MM away, and segment there (with `final_segment` when given,
+    e.g. the mirror-averaged segmentation the run keeps; else `segment` again, only if the grid moved)."""
     spec = card["working_grid"]
     direction = np.array(spec.get("direction", np.eye(3).ravel()), float).reshape(3, 3)
-    for attempt in range(iterations + 1):
-        image_w = resample(image, grid, default=background_value(image))
+    grid = working_grid(image, card)
+
+    def on(grid_, segmenter):
+        image_w = resample(image, grid_, default=background_value(image))
         with torch.no_grad():
-            probabilities = segment(normalize(to_tensor(image_w, device), card["intensity"]))
-        mask = brain_of(probabilities)
-        if not mask.any() or attempt == iterations:
-            break
+            return image_w, segmenter(normalize(to_tensor(image_w, device), card["intensity"]))
+
+    image_w, probabilities = on(grid, segment)
+    mask = brain_of(probabilities)
+    moved = 0.0
+    if mask.any():
         centre = _centroid(mask, grid)
         current = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()]))
-        if np.linalg.norm(centre - current) < RECENTRE_MM:
-            break
-        grid = make_grid(spec["size"], spec["spacing"], direction, centre)
-    moved = np.array(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])) - start
-    return BrainLocation(grid, image_w, probabilities, mask, float(np.linalg.norm(moved)))
+        if np.linalg.norm(centre - current) >= RECENTRE_MM:
+            grid, moved = make_grid(spec["size"], spec["spacing"], direction, centre), float(np.linalg.norm(centre - current))
+            probabilities = None
+    if final_segment is not None or probabilities is None:
+        image_w, probabilities = on(grid, final_segment or segment)
+        mask = brain_of(probabilities)
+    return BrainLocation(grid, image_w, probabilities, mask, moved)
 
 
 def mask_image(location: BrainLocation) -> sitk.Image:
@@ -118,3 +124,24 @@ def render_from_segmentation(probabilities: torch.Tensor, intensities: torch.Ten
     same contrast out, so the registration network compares like with like (the segmentation network was
     trained contrast-agnostic on synthetic heads; the registration network on random contrasts)."""
     return (probabilities * intensities.to(probabilities).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
+
+
+def mask_on(image_w: sitk.Image, brain: sitk.Image, transform: sitk.Transform | None) -> sitk.Image:
+    """A working-grid image with everything outside a brain mask (on its own grid, reached from the working
+    grid through `transform`) set to the image's background."""
+    on_grid = resample(brain, image_w, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Mask(image_w, on_grid, outsideValue=background_value(image_w))
+
+
+def brain_tensor(location: BrainLocation, card: dict, device) -> torch.Tensor:
+    """The brain alone on its brain-centred grid, normalised as the model is fed."""
+    brain = mask_on(location.image, mask_image(location), None)
+    return normalize(to_tensor(brain, device), card["intensity"])
+
+
+def prealign_brains(moving: BrainLocation, fixed: BrainLocation, card: dict, device, network) -> sitk.AffineTransform:
+    """The card's torch affine (learned, then its MI polish) between the two brains on their brain-centred
+    grids: as `affine_torch.prealign` on skull-stripped images, without resampling the full images again."""
+    from .affine_torch import card_theta, theta_to_physical
+    theta = card_theta(brain_tensor(moving, card, device), brain_tensor(fixed, card, device), card, network)
+    return theta_to_physical(theta, fixed.grid, moving.grid)

@@ -45,7 +45,21 @@ def validate_card(card: dict, source: str = "model card") -> dict:
     if any(int(n) % factor for n in size):
         raise CheckpointError(f"{source}: working_grid size {size} must be divisible by {factor} "
                               "(the network's total downsampling)")
+    licence = card.get("licence")
+    if licence is not None and not (isinstance(licence, str) or (isinstance(licence, dict) and
+                                                                 isinstance(licence.get("weights"), str))):
+        raise CheckpointError(f"{source}: 'licence' must be a string or an object with a 'weights' string")
     return card
+
+
+def licence_text(card: dict) -> str | None:
+    """The licence of a model's weights in one line (the card's `licence`: a string, or {"weights", "note"})."""
+    licence = card.get("licence", card.get("license"))
+    if not licence:
+        return None
+    if isinstance(licence, str):
+        return licence
+    return licence["weights"] + (f" ({licence['note']})" if licence.get("note") else "")
 
 
 def _sniff(path: Path) -> str | None:
@@ -187,9 +201,9 @@ def summary_lines(card: dict) -> list[str]:
             lines += _listed(f"data ({len(names)} source{'s' if len(names) != 1 else ''})", names)
         if isinstance(data.get("held_out"), str):
             lines += _wrapped("held out", data["held_out"])
-    licence = card.get("licence", card.get("license"))
+    licence = licence_text(card)
     if licence:
-        lines += _wrapped("licence", licence if isinstance(licence, str) else json.dumps(licence))
+        lines += _wrapped("licence", licence)
     metrics = card.get("metrics")
     if isinstance(metrics, dict):
         headline = [f"{key} {_number(value)}" for key, value in metrics.items()

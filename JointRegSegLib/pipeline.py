@@ -12,8 +12,8 @@ import torch
 
 from . import selfcheck
 from .affine import affine_prealign
-from .brainmask import (full_resolution_mask, locate_brain, mask_image, masked, render_from_segmentation,
-                        rendering_intensities)
+from .brainmask import (full_resolution_mask, locate_brain, mask_image, mask_on, masked, prealign_brains,
+                        render_from_segmentation, rendering_intensities)
 from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from .checkpoint import JointRegSegModel, load_model
@@ -165,15 +165,15 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         return segment_probabilities(network, image, permutation, mirror_axis)
 
     warnings_ = input_warnings(moving, fixed)
-    moving_reg, fixed_reg = moving, fixed          # what the registration sees: the brains, when the card says so
+    locations = None                               # where each brain is, when the card registers brains only
     brain_info = None
     if masking:
         with reporter.stage("find the brains"), torch.no_grad():
             network = model.network.to(torch_device)
-            locations = {role: locate_brain(image, card, lambda t: segment(network, t), torch_device)
-                         for role, image in (("moving", moving), ("fixed", fixed))}
-            fixed_reg = masked(fixed, mask_image(locations["fixed"]))
-            moving_reg = masked(moving, mask_image(locations["moving"]))
+            quick = lambda t: torch.softmax(network.segment(t), 1)
+            locations = {"moving": locate_brain(moving, card, quick, torch_device),
+                         # the fixed image's grid is the run's working grid: its final segmentation is the run's
+                         "fixed": locate_brain(fixed, card, quick, torch_device, lambda t: segment(network, t))}
             brain_info = {role: {"brain_ml_working_grid": round(float(loc.mask.sum()) * float(np.prod(
                 loc.grid.GetSpacing())) / 1000, 1), "grid_moved_to_brain_mm": round(loc.moved_mm, 1)}
                 for role, loc in locations.items()}
@@ -193,20 +193,28 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         if affine and method is not None:
             with reporter.stage(stage_name) as stage:
                 # on canonically ordered copies: the result must not depend on how the files store their axes
-                if method == "torch":
-                    affine_tx = prealign_torch(canonical_storage(moving_reg), canonical_storage(fixed_reg), card,
+                if method == "torch" and locations is not None:
+                    affine_tx = prealign_brains(locations["moving"], locations["fixed"], card, torch_device,
+                                                model.network)
+                elif method == "torch":
+                    affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card,
                                                torch_device, network=model.network)
                 else:
-                    affine_tx = affine_prealign(canonical_storage(moving_reg), canonical_storage(fixed_reg),
+                    # the classical affine on full-resolution images (the brains only, when the card says so)
+                    moving_c, fixed_c = moving, fixed
+                    if locations is not None:
+                        moving_c = masked(moving, mask_image(locations["moving"]))
+                        fixed_c = masked(fixed, mask_image(locations["fixed"]))
+                    affine_tx = affine_prealign(canonical_storage(moving_c), canonical_storage(fixed_c),
                                                 on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
         with reporter.stage("resample to working grid"):
-            grid = working_grid(fixed_reg, card)
+            grid = working_grid(fixed, card) if locations is None else locations["fixed"].grid
             fixed_w = resample(fixed, grid, default=_background(fixed))
             moving_w = resample(moving, grid, affine_tx, default=_background(moving))
             fixed_w_reg, moving_w_reg = fixed_w, moving_w
-            if masking:
-                fixed_w_reg = resample(fixed_reg, grid, default=_background(fixed))
-                moving_w_reg = resample(moving_reg, grid, affine_tx, default=_background(moving))
+            if locations is not None:
+                fixed_w_reg = mask_on(fixed_w, mask_image(locations["fixed"]), None)
+                moving_w_reg = mask_on(moving_w, mask_image(locations["moving"]), affine_tx)
             guide = None
             if guide_labels is not None:
                 guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
@@ -223,7 +231,9 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 moving_r = normalize(to_tensor(moving_w_reg, dev), card["intensity"])
             scale = 1.0
             with reporter.stage("network inference"), torch.no_grad():
-                fixed_probs, moving_probs = segment(network, fixed_t), segment(network, moving_t)
+                fixed_probs = (locations["fixed"].probabilities.to(dev) if locations is not None
+                               else segment(network, fixed_t))
+                moving_probs = segment(network, moving_t)
                 if render_table is not None:
                     # both images in one contrast, drawn from their own segmentations (see render_from_segmentation)
                     fixed_r = render_from_segmentation(fixed_probs, render_table)

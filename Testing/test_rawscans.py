@@ -156,3 +156,16 @@ def test_qc_picture_tells_left_from_right_by_hue_and_marks_det_j_below_one():
                 assert min(abs(left_hue - right_hue), 1 - abs(left_hue - right_hue)) > 0.05, name
     ticks = _det_ticks(0.62, 1.55)
     assert any(t < 1.0 for t in ticks if t > 0.62) and 1.0 in ticks
+
+
+def test_the_card_licence_is_checked_and_shown(tmp_path):
+    from JointRegSegLib.card import licence_text, validate_card
+    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.errors import CheckpointError
+    from JointRegSegLib.models import default_model_path
+    card = load_model(default_model_path()).card
+    assert licence_text(card), "the shipped default model must say under which licence its weights travel"
+    broken = dict(card, licence={"note": "no weights entry"})
+    with pytest.raises(CheckpointError, match="licence"):
+        validate_card(broken)
+    assert licence_text({"licence": {"weights": "CC-BY-NC-4.0", "note": "x"}}) == "CC-BY-NC-4.0 (x)"

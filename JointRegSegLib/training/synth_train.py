@@ -107,6 +107,10 @@ def synth_card(config: dict, meta: dict) -> dict:
     }
 
 
+# what a segmentation-only config may set in the new model's card (see configs/brain-head-synth.json)
+CARD_KEYS = ("segmentation", "inference", "brain_mask", "self_check", "registration_input", "licence")
+
+
 def relabelled_model(parent, config: dict):
     """`parent` with the segmentation network re-made for the label table config["labels"] names
     ("whole-brain": `WHOLE_BRAIN_TABLE`): the registration, affine and every segmentation weight whose shape
@@ -121,7 +125,7 @@ def relabelled_model(parent, config: dict):
     card.update({"name": config["name"], "description": config.get("description", ""),
                  "labels": copy.deepcopy(WHOLE_BRAIN_TABLE), "modality": config.get("modality", card.get("modality")),
                  "parent": {"name": parent.card.get("name"), "weights_sha256": parent.card.get("weights_sha256")}})
-    for key in ("segmentation", "inference", "brain_mask"):
+    for key in CARD_KEYS:
         if key in config:
             card[key] = copy.deepcopy(config[key])
     model = new_model(card, seed=int(config.get("seed", 0)))

@@ -1,0 +1,46 @@
+"""Give a trained model the card entries its config names (`training.synth_train.CARD_KEYS`) and write it.
+
+    python configs/finish_model.py --config configs/brain-head-synth.json --model TRAINED.safetensors \
+                                   --out Resources/Models/brain-head-synth.safetensors [--metrics METRICS.json]
+
+For a run that was started before its config named them (the weights are untouched: the checksum covers
+the weights and is recomputed for the new card). `--metrics` adds held-out figures (benchmarks/rawscans.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from JointRegSegLib.checkpoint import load_model, save_model  # noqa: E402
+from JointRegSegLib.training.synth_train import CARD_KEYS  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", default=None)
+    args = parser.parse_args(argv)
+    config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    model = load_model(args.model)
+    for key in CARD_KEYS:
+        if key in config:
+            model.card[key] = copy.deepcopy(config[key])
+    for key in ("name", "description", "modality"):
+        if key in config:
+            model.card[key] = config[key]
+    if args.metrics:
+        model.card["metrics"] = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+    save_model(model, args.out)
+    print(f"written {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
