@@ -130,7 +130,26 @@ def relabelled_model(parent, config: dict):
             card[key] = copy.deepcopy(config[key])
     model = new_model(card, seed=int(config.get("seed", 0)))
     own = model.network.state_dict()
-    kept = {k: v for k, v in parent.network.state_dict().items() if k in own and own[k].shape == v.shape}
+    inherited = parent.network.state_dict()
+    kept = {k: v for k, v in inherited.items() if k in own and own[k].shape == v.shape}
+    # the last layer (one output channel per class): a class the parent had (same value, same name, and
+    # background) keeps its channel, so the new model starts segmenting those as the parent does; the new
+    # classes start quiet (small weights, bias -2) and are learned. From a fresh last layer instead, the
+    # 14 structures had a Dice of 0.13 after 600 steps (0.70 for the parent on held-out Colin27).
+    parent_names = {int(e["value"]): e["name"] for e in parent.label_table}
+    shared = [int(e["value"]) for e in card["labels"] if parent_names.get(int(e["value"])) == e["name"]]
+    for key in [k for k in own if k.startswith("segmentation.") and k not in kept and k in inherited]:
+        weight, parent_weight = own[key].clone(), inherited[key]
+        channel_axis = 0 if weight.ndim == 1 else 1      # ConvTranspose3d weights: (in, out, ...)
+        if weight.ndim > 1 and weight.shape[0] != parent_weight.shape[0]:
+            channel_axis = 0
+        if weight.ndim == 1:
+            weight[:] = -2.0
+        else:
+            weight *= 0.1
+        for value in shared:
+            weight.select(channel_axis, value).copy_(parent_weight.select(channel_axis, value))
+        kept[key] = weight
     model.network.load_state_dict(kept, strict=False)
     return model
 
