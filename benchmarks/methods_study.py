@@ -15,7 +15,12 @@ Colin27 is held out, the templates' anatomy was a training source) and synthetic
 Colin27 (both sides held out). Network only (after the fast torch affine) and refined (--refine
 iterations). ANTs SyN (antspyx defaults) and the classical affine run on the same pairs in the same
 run. Finished models and evaluations are reused, so a stopped study continues.
-Writes OUT/TABLE.md (mean +- sd over seeds) and OUT/results.csv (one row per model and pair). With
+Writes OUT/TABLE.md (mean +- sd over seeds) and OUT/results.csv (one row per model and pair). Segmentation
+is scored apart on the pairs whose fixed image is Colin27 (held out) and on those whose fixed image is a
+training template; beside it, label propagation: the registration Dice of the same model on the same
+Colin27 pairs (the moving image's labels carried by the model's own registration), the bar a network
+segmentation must clear to be worth having. `--table-from RESULTS_CSV` rewrites TABLE.md from a
+results.csv alone. With
 --previous RESULTS_CSV, the models of methods left out of --methods (and the peers, if not run here) are
 taken from an earlier run's results.csv, so one method can be retrained without retraining the others.
 """
@@ -135,8 +140,18 @@ def _group(pair: str) -> str:
     return "synthetic" if pair.startswith("synthetic") else "real"
 
 
+def _held_out_fixed(pair: str) -> bool:
+    """The fixed image is Colin27 (no training image contains its anatomy); the other pairs' fixed image is a
+    template whose anatomy, with its label map, was a training source."""
+    return pair.endswith("_to_colin27")
+
+
+GROUPS = {"real": lambda pair: _group(pair) == "real", "synthetic": lambda pair: _group(pair) == "synthetic",
+          "colin27": _held_out_fixed, "template": lambda pair: not _held_out_fixed(pair)}
+
+
 def _per_seed(rows: list[dict], key: str, group: str | None = None) -> float:
-    values = [r[key] for r in rows if group is None or _group(r["pair"]) == group]
+    values = [r[key] for r in rows if group is None or GROUPS[group](r["pair"])]
     values = [v for v in values if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
@@ -172,8 +187,10 @@ def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> lis
     training);
     seed 'init' = the method's untrained initialisation, shown in brackets."""
     lines = ["| method | seeds | reg. Dice real, network (untrained) | reg. Dice synthetic, network (untrained) | "
-             "seg. Dice, network (untrained) | reg. Dice real, refined | reg. Dice synthetic, refined | "
-             "folding %, network | train steps | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "**seg. Dice, fixed = Colin27**, network (untrained) | **label propagation, fixed = Colin27**, network "
+             "(untrained) | seg. Dice, fixed = a training template | reg. Dice real, refined | "
+             "reg. Dice synthetic, refined | folding %, network | train steps | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pick = lambda rows, name: [r for r in rows if r["method"] == name]  # noqa: E731
     for method in METHODS:
         trained = [results[(method, s)] for s in seeds if (method, s) in results]
@@ -187,18 +204,33 @@ def summary_table(results: dict, peer_rows: list[dict], seeds: list[int]) -> lis
         seconds_text = f"{np.mean(seconds):.0f} ± {np.std(seconds):.0f}" if seconds else "–"
         steps = sorted({int(t["steps"]) for _, t in trained if not np.isnan(t["steps"])})
         steps_text = "/".join(map(str, steps)) or "–"
-        lines.append(f"| {method} | {len(trained)} | {column('network', 'registration_dice', 'real')} "
-                     f"{untrained('registration_dice', 'real')} | {column('network', 'registration_dice', 'synthetic')} "
-                     f"{untrained('registration_dice', 'synthetic')} | {column('network', 'segmentation_dice')} "
-                     f"{untrained('segmentation_dice')} | {column('refined', 'registration_dice', 'real')} | "
-                     f"{column('refined', 'registration_dice', 'synthetic')} | {column('network', 'folding_percent')} | "
-                     f"{steps_text} | {seconds_text} |")
+        cells = [method, str(len(trained))]
+        for key, group in (("registration_dice", "real"), ("registration_dice", "synthetic"),
+                           ("segmentation_dice", "colin27"), ("registration_dice", "colin27")):
+            cells.append(f"{column('network', key, group)} {untrained(key, group)}")
+        cells += [column("network", "segmentation_dice", "template"), column("refined", "registration_dice", "real"),
+                  column("refined", "registration_dice", "synthetic"), column("network", "folding_percent"),
+                  steps_text, seconds_text]
+        lines.append("| " + " | ".join(cells) + " |")
     for name in dict.fromkeys(r["method"] for r in peer_rows):
         mine = [r for r in peer_rows if r["method"] == name]
         lines.append(f"| {name} (no training) | – | {_per_seed(mine, 'registration_dice', 'real'):.3f} | "
-                     f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | – | – | "
+                     f"{_per_seed(mine, 'registration_dice', 'synthetic'):.3f} | – | "
+                     f"{_per_seed(mine, 'registration_dice', 'colin27'):.3f} | – | – | – | "
                      f"{_per_seed(mine, 'folding_percent'):.4f} | – | – |")
     return lines
+
+
+def table_from(results_csv: Path, out: Path, seeds: list[int]) -> int:
+    """TABLE.md from a results.csv alone (no training, no evaluation)."""
+    results, peer_rows = previous_results(results_csv, set())
+    lines = [f"Generated {datetime.date.today()} by `python benchmarks/methods_study.py --table-from {results_csv}"
+             f" --seeds {' '.join(map(str, seeds))}` from the rows of that file (no model trained or evaluated).", "",
+             *summary_table(results, peer_rows, seeds)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "TABLE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -216,12 +248,16 @@ def main(argv=None) -> int:
                         "peers, are taken from it")
     parser.add_argument("--summary-only", action="store_true",
                         help="train and evaluate nothing: tabulate the models already evaluated in --work")
+    parser.add_argument("--table-from", metavar="RESULTS_CSV",
+                        help="train and evaluate nothing: write OUT/TABLE.md from a committed results.csv")
     parser.add_argument("--evaluate-model", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     parser.add_argument("--evaluation-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.evaluate_model:
         return _evaluate_model_main(args.evaluate_model, args.pairs, args.refine, args.evaluation_out)
+    if args.table_from:
+        return table_from(Path(args.table_from), Path(args.out), args.seeds)
     if not args.data:
         parser.error("--data is required (build it with `jointregseg data build --held-out colin27`)")
     data, work, out = Path(args.data).resolve(), Path(args.work).resolve(), Path(args.out).resolve()

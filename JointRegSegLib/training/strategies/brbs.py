@@ -41,7 +41,9 @@ class BRBS(Strategy):
     before the joint phase (the reference trains jointly from the start, with a longer budget); the
     smoothness is MONAI's diffusion (the reference's l2 gradient loss up to a constant); Dice excludes
     the background channel, as for every method here; the reference's random rotation/scaling
-    augmentation is not applied.
+    augmentation is not applied; S3P's style and space images are any two other training images,
+    labelled ones included, where the reference draws them from the unlabelled set (their labels are
+    not used).
     """
 
     name = "brbs"

@@ -29,6 +29,8 @@ class DeepAtlas(Strategy):
     train_reg.py) uses this L2 gradient regulariser, our maps are diffeomorphic by construction (scaling
     and squaring of a stationary velocity), and the paper's weight for bending energy is tuned for
     displacements in [-1, 1] coordinates; `"regulariser": "bending"` selects MONAI's bending energy.
+    The similarity is local NCC (MONAI's LNCC, window 9, as every method here), where the paper writes
+    a (global) NCC (deviation).
     Weights are 1 (the paper's values were tuned on its data). `"joint_pairs": "any"` lets joint
     registration also draw two unlabelled images (similarity and regulariser only).
     """

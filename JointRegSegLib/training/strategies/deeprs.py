@@ -61,6 +61,12 @@ class DeepRS(Strategy):
     everywhere (segmentation Dice 0.005: the 14 structures are ~2 % of the voxels); cross-entropy plus
     Dice reached 0.06 after 300 pretraining steps where Dice alone reached 0.23 (validation Dice of the
     study's data set), so the comparison measured the budget, not the method. `"ce"` is the paper's loss.
+    DRC reads the full (alpha = 1) field the registration update is computing, where the paper's Eq. 2
+    writes the DSS field (phi-hat): the registration's own loss is on its own output, so the constraint
+    pulls the map that is being trained (deviation). Pairs: the moving image is a labelled one and the
+    fixed image any other training image, labelled ones included; the paper's weakly supervised pairs
+    take an unlabelled fixed image (deviation: with 1-3 labelled images the pairs of two labelled images
+    are few, and their fixed image's labels are not used here).
     Where real and fake inputs are identical (background both images share) no discriminator can do
     better than chance, so its loss stays above 0 even when it works.
     """

@@ -39,7 +39,10 @@ class PCRegRT(Strategy):
     augmentation; `"segmentation_loss": "dice"` (the committed config) uses soft Dice in place of every
     cross-entropy above: with cross-entropy alone the held-out study's budget (benchmarks/METHODS.md) left
     S at background (segmentation Dice 0.000), the perception masks empty, and so the per-class
-    correspondence loss and reverse teaching inert; cross-entropy plus Dice still gave 0.02.
+    correspondence loss and reverse teaching inert; cross-entropy plus Dice still gave 0.02. In stage 1
+    the registration update reads the perception of the segmentation net as just updated in the same
+    step, where the reference computes it from the predictions made before that update (deviation: one
+    update apart; the committed models were trained so).
     """
 
     name = "pcreg-rt"

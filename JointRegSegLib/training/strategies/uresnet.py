@@ -24,7 +24,9 @@ class UReSNetTraining(Strategy):
     (the paper's head predicts the spatial gradient of the sampling grid through a sigmoid, in (0, 2),
     integrated by cumulative sum: that sigmoid is what keeps its maps monotone; the velocity head is
     linear because the SVF keeps the map invertible instead); segmentation takes each image alone (the
-    encoder is shared by both branches), where the paper's decoder reads the pair.
+    encoder is shared by both branches), where the paper's decoder reads the pair; |A - I|_1 is the mean
+    of the 12 entries, not their sum (alpha 0.1 on the mean is 0.1 / 12 on the paper's sum; the
+    committed models were trained so).
     """
 
     name = "uresnet"
