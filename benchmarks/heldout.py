@@ -166,6 +166,16 @@ def seeds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def use_threads(count: int) -> str:
+    """`count` threads for this process (torch, SimpleITK) and the peers it starts (OpenMP, ITK, MKL)."""
+    threads = str(count)
+    os.environ.update({"OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads,
+                       "MKL_NUM_THREADS": threads})
+    from JointRegSegLib.threads import apply_threads
+    apply_threads(count)
+    return threads
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -180,12 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(HERE / "work" / "heldout"))
     parser.add_argument("--out", default=str(HERE / "heldout"))
     args = parser.parse_args(argv)
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads,
-                       "MKL_NUM_THREADS": threads})
+    threads = use_threads(args.threads)
     import torch
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     pairs = read_pairs(build_pairs(Path(args.work) / "pairs", args.synthetic))
     methods = [Identity(), AffineOnly(),
                JointRegSegMethod(args.model, 0, "cpu", name="torch affine only", segment=False,

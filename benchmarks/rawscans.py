@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,13 +38,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from JointRegSegLib.data import atlas_sources  # noqa: E402
 from JointRegSegLib.data.label_table import LABEL_TABLE  # noqa: E402
-from JointRegSegLib.evaluation.evaluate import environment_lines, evaluate, read_pairs, write_evaluation  # noqa: E402
+from JointRegSegLib.evaluation.evaluate import environment_lines, evaluate, read_pairs  # noqa: E402
 from JointRegSegLib.evaluation.methods import ExternalMethod, JointRegSegMethod  # noqa: E402
 from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
 from JointRegSegLib.progress import stderr_progress  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from heldout import _rotation, _template  # noqa: E402
+from heldout import _rotation, _template, use_threads  # noqa: E402
 
 BRAIN_TABLE = [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 1, "name": "brain", "color": [1, 1, 1]}]
 
@@ -209,12 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(HERE / "work" / "rawscans"))
     parser.add_argument("--out", default=str(HERE / "rawscans"))
     args = parser.parse_args(argv)
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads,
-                       "MKL_NUM_THREADS": threads})
-    import torch
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    threads = use_threads(args.threads)
     families = [f for f in args.families.split(",") if f]
     csvs = build_pairs(Path(args.work) / "pairs", families)
     out = Path(args.out)

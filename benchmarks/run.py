@@ -36,6 +36,9 @@ from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
 from JointRegSegLib.models import default_model_path  # noqa: E402
 from JointRegSegLib.progress import stderr_progress  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from heldout import use_threads  # noqa: E402
+
 PEERS = {"ants-syn": "JRS_ANTS_PYTHON", "ants-synquick": "JRS_ANTS_PYTHON", "elastix": "JRS_ELASTIX_PYTHON",
          "sitk-demons": None}
 PEER_MODULE = {"JRS_ANTS_PYTHON": ("ants", "antspyx"), "JRS_ELASTIX_PYTHON": ("itk", "itk-elastix"), None: (None, None)}
@@ -82,12 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args(argv)
 
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads,
-                       "MKL_NUM_THREADS": threads})
+    threads = use_threads(args.threads)
     import torch
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
 
     work = Path(args.work)
     pairs = read_pairs(build_pairs(work / "pairs", args.synthetic))

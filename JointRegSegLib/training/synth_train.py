@@ -262,7 +262,6 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
     smooth_fn = DiffusionLoss()
     image_fn = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5, kernel_type="rectangular")
     seg_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-    classes = model.num_classes
     log_path = out_path.with_suffix(".log.csv")
     log, writer = open_training_log(log_path, start)
     rng = np.random.default_rng(seed * 1_000_003 + start)
