@@ -95,10 +95,14 @@ def masked(image: sitk.Image, brain: sitk.Image, transform: sitk.Transform | Non
 
 
 def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:
-    """The brain mask of a full-resolution label map (any structure, holes filled) on `like`'s grid."""
+    """The brain mask from a full-resolution map whose non-zero voxels are brain, on `like`'s grid: its
+    largest connected piece, holes filled (UInt8, 1 = brain)."""
     mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
     mask.CopyInformation(like)
-    return sitk.BinaryFillhole(mask)
+    if not (labels > 0).any():
+        return mask
+    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True) == 1, sitk.sitkUInt8)
+    return sitk.BinaryFillhole(largest)
 
 
 # T1-like intensity of each structure (any fixed contrast does: the registration network was trained on

@@ -260,10 +260,13 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 mean = selfcheck.summary(scores)
                 # a registration that fails its check never feeds the fixed segmentation: the network's own
                 mode = segmentation_mode if selfcheck.status(mean, threshold) == "ok" else "network"
+                # the brain: where background is not the likelier class in the network's own probabilities
+                # (before fusion and before the largest-piece clean-up, which works structure by structure)
+                brains = tuple(torch.cat([p[:, :1], 1 - p[:, :1]], 1).cpu() for p in (fixed_probs, moving_probs))
                 fixed_probs, moving_probs = joint_probabilities(
                     network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], mode,
                     seg_card.get("largest_component", True), ddf=ddf)
-            return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu(), scale, scores, mean, mode
+            return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu(), scale, scores, mean, mode, brains
 
         outcome, used = run_with_cpu_fallback(infer, torch_device)
         model.network.to(torch_device)
@@ -281,7 +284,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             break
     best = max(attempts, key=lambda a: -1.0 if a["outcome"][5] is None else a["outcome"][5])
     affine_tx, grid, used_device = best["affine"], best["grid"], best["device"]
-    ddf_voxels, fixed_probs, moving_probs, velocity_scale, scores, agreement_mean, used_mode = best["outcome"]
+    ddf_voxels, fixed_probs, moving_probs, velocity_scale, scores, agreement_mean, used_mode, brains = best["outcome"]
     registration_status = selfcheck.status(agreement_mean, threshold)
     if registration_status == "check":
         tried = ", ".join(f"{a['method'] or 'no'} affine ({a['outcome'][5]})" for a in attempts)
@@ -311,7 +314,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)
         fixed_mask = moving_mask = None
         if card.get("brain_mask", {}).get("output"):
-            fixed_mask, moving_mask = full_resolution_mask(fixed_labels, fixed), full_resolution_mask(moving_labels, moving)
+            fixed_mask = full_resolution_mask(labels_on(brains[0], grid, fixed), fixed)
+            moving_mask = full_resolution_mask(labels_on(brains[1], grid, moving, to_grid), moving)
     with reporter.stage("quality control"):
         det = jacobian_determinant_of_transform(transform, fixed)
         jac = determinant_stats(det)
