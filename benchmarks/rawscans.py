@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", default="ants-syn")
     parser.add_argument("--families", default="brain,head,contrast,thick")
+    parser.add_argument("--rendered-variant", action="store_true",
+                        help="also run the model with registration_input 'segmentation' (network only)")
     parser.add_argument("--work", default=str(HERE / "work" / "rawscans"))
     parser.add_argument("--out", default=str(HERE / "rawscans"))
     args = parser.parse_args(argv)
@@ -220,6 +222,12 @@ def main(argv=None) -> int:
                                  segment=family != "head-brainmask")
         default = Recording(args.model, 0, "cpu", name="JointRegSeg (default)", segment=family != "head-brainmask")
         methods = [network_only, default]
+        if args.rendered_variant:
+            # the same model registering images rendered from its own segmentations (card registration_input)
+            rendered = Recording(args.model, 0, "cpu", name="JointRegSeg (network only, segmentation-rendered input)",
+                                 scale_search=False, segment=False)
+            rendered.model.card["registration_input"] = "segmentation"
+            methods.append(rendered)
         if args.baseline_model:
             methods.append(JointRegSegMethod(args.baseline_model, 0, "cpu", name="previous default model",
                                              segment=False))
