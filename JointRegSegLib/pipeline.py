@@ -262,7 +262,11 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 mode = segmentation_mode if selfcheck.status(mean, threshold) == "ok" else "network"
                 # the brain: where background is not the likelier class in the network's own probabilities
                 # (before fusion and before the largest-piece clean-up, which works structure by structure)
-                brains = tuple(torch.cat([p[:, :1], 1 - p[:, :1]], 1).cpu() for p in (fixed_probs, moving_probs))
+                # (brain_mask.threshold t: brain where 1 - p_background > t; shifting both by 0.5 - t keeps the
+                # two-class map's argmax under linear interpolation to full resolution)
+                shift = 0.5 - float(card.get("brain_mask", {}).get("threshold", 0.5))
+                brains = tuple(torch.cat([p[:, :1] - shift, 1 - p[:, :1] + shift], 1).clamp(0, 1).cpu()
+                               for p in (fixed_probs, moving_probs))
                 fixed_probs, moving_probs = joint_probabilities(
                     network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], mode,
                     seg_card.get("largest_component", True), ddf=ddf)
