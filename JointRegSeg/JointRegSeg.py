@@ -28,13 +28,16 @@ from slicer.util import VTKObservationMixin
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _candidate in (_HERE, os.path.dirname(_HERE)):
     if os.path.isdir(os.path.join(_candidate, "JointRegSegLib")) and _candidate not in sys.path:
-        sys.path.insert(0, _candidate)
+        sys.path.append(_candidate)      # last: never shadows Slicer's own modules or site-packages
 
-from JointRegSegLib.card import read_card  # noqa: E402  (needs the path above)
+from JointRegSegLib.card import licence_text, read_card  # noqa: E402  (needs the path above)
 from JointRegSegLib.errors import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
 from JointRegSegLib.models import REPO_ROOT, default_model_path, installed_models  # noqa: E402
 
 BROWSE_ITEM = "Browse…"
+DOCUMENTATION_URL = "https://github.com/jointregseg/SlicerJointRegSeg#in-3d-slicer"
+# Minutes the warm engine process may stay unused before it is ended (its memory and any GPU memory freed)
+IDLE_MINUTES = 10
 REQUIREMENTS_FILE = REPO_ROOT / "Resources" / "requirements.txt"
 SAMPLE_FOLDER = REPO_ROOT / "Resources" / "SampleData"
 # The extension's terminology context (every structure of the shipped models, with sides, and the brain mask)
@@ -50,15 +53,16 @@ RESEARCH_NOTICE = ("For research use only. Not a medical device: do not use the 
                    "treatment decisions. Check every result visually.")
 # what the engine reports -> what the progress bar says
 STAGE_WORDS = {
-    "starting": "Starting the engine…", "starting the engine": "Starting the engine…",
-    "validate inputs": "Checking the volumes…", "load model": "Loading the model…",
-    "affine pre-alignment": "Aligning the volumes (affine)…", "resample to working grid": "Preparing the volumes…",
-    "find the brains": "Finding the brain in each volume…", "network inference": "Running the network…",
-    "velocity scale": "Choosing the deformation's strength…",
-    "test-time refinement": "Refining the alignment…",
-    "compose transform": "Building the transform…", "warp moving": "Warping the moving volume…",
-    "segmentations": "Segmenting both volumes…", "quality control": "Checking the result…",
-    "save results": "Saving the results…",
+    "starting": _("Starting the engine…"), "starting the engine": _("Starting the engine…"),
+    "validate inputs": _("Checking the volumes…"), "load model": _("Loading the model…"),
+    "affine pre-alignment": _("Aligning the volumes (affine)…"),
+    "resample to working grid": _("Preparing the volumes…"),
+    "find the brains": _("Finding the brain in each volume…"), "network inference": _("Running the network…"),
+    "velocity scale": _("Choosing the deformation's strength…"),
+    "test-time refinement": _("Refining the alignment…"),
+    "compose transform": _("Building the transform…"), "warp moving": _("Warping the moving volume…"),
+    "segmentations": _("Segmenting both volumes…"), "quality control": _("Checking the result…"),
+    "save results": _("Saving the results…"),
 }
 
 CITATIONS = """
@@ -87,12 +91,46 @@ class JointRegSeg(ScriptedLoadableModule):
             "moving segmentation warped onto the fixed one (segments carry standard SNOMED CT terminology), and "
             "quality measures (folding, Jacobian map, "
             "structure volumes). Work runs in a separate process kept warm between runs; Cancel stops it and "
-            "leaves the scene as it was. <b>{notice}</b>").format(notice=RESEARCH_NOTICE) + CITATIONS
-        self.parent.acknowledgementText = _(
-            "Built on 3D Slicer, MONAI, PyTorch and SimpleITK. The embedded brain model was trained on the "
-            "Colin27 and MNI ICBM 2009c templates with AAL labels; see the model card for sources and licences.")
+            "leaves the scene as it was. <b>{notice}</b>").format(notice=RESEARCH_NOTICE) + CITATIONS + \
+            "<p>" + _("Documentation: {link}").format(link=f'<a href="{DOCUMENTATION_URL}">{DOCUMENTATION_URL}</a>') \
+            + "</p>"
+        self.parent.acknowledgementText = acknowledgementText()
         slicer.app.connect("startupCompleted()", registerSampleData)
         slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def modelSourcesText(card: dict) -> str:
+    """What a model was trained on, from its card (data.sources, with each source's licence where given)."""
+    sources = []
+    for source in card.get("data", {}).get("sources", []):
+        what = source.get("name") or source.get("source") or source.get("provenance") or ""
+        detail = source.get("provenance") if source.get("provenance") and source.get("provenance") != what else ""
+        licence = source.get("licence") or source.get("license")
+        sources.append(what + (f" ({detail})" if detail else "") + (f" [licence: {licence}]" if licence else ""))
+    return "; ".join(s for s in sources if s)
+
+
+def licenceWords(card: dict) -> str:
+    """The licence of a model's weights in words (the card's own), or that the card names none."""
+    return licence_text(card) or _("not stated in the model card")
+
+
+def acknowledgementText(model=None) -> str:
+    """Slicer's acknowledgement for the module, written from the model card of `model` (default: the embedded
+    default model): what it was trained on, what was held out, and the licence of its weights."""
+    text = _("Built on 3D Slicer, MONAI, PyTorch and SimpleITK.")
+    try:
+        card = read_card(model or default_model_path())
+    except JointRegSegError:
+        return text
+    text += " " + _("Model {name}: trained on {sources}.").format(
+        name=card.get("name", "?"), sources=modelSourcesText(card) or "?")
+    held = card.get("data", {}).get("held_out")
+    if held:
+        text += " " + _("Held out (never trained on): {held}.").format(
+            held=held if isinstance(held, str) else ", ".join(map(str, held)))
+    text += " " + _("Licence of the model weights: {licence}.").format(licence=licenceWords(card))
+    return text
 
 
 def loadTerminology() -> str:
@@ -161,6 +199,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.results = None
         self.finetuneRun = None
         self.stopping = []               # cancelled runs (jobs, fine-tuning) not yet ended
+        self.filledOutputs = {}          # output parameter -> ID of the node the last run made for it
         self._parameterNode = None
         self._parameterNodeGuiTag = None
 
@@ -179,6 +218,8 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = self.newTimer(200, self.onPoll)
         self.finetuneTimer = self.newTimer(500, self.onFinetunePoll)
         self.stopTimer = self.newTimer(200, self.onStopPoll)
+        self.deviceTimer = self.newTimer(500, self.onDevicePoll)          # until the engine says if CUDA is there
+        self.idleTimer = self.newTimer(60 * 1000, self.onIdlePoll)        # ends an engine unused for IDLE_MINUTES
         ui.applyButton.connect("clicked(bool)", self.onApply)
         ui.cancelButton.connect("clicked(bool)", self.onCancel)
         ui.swapButton.connect("clicked(bool)", self.onSwap)
@@ -189,6 +230,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         ui.finetuneCancelButton.connect("clicked(bool)", self.onFinetuneCancel)
         ui.trainingFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateCaseList)
+        ui.releaseEngineButton.connect("clicked(bool)", self.onReleaseEngine)
         ui.researchNoticeLabel.text = RESEARCH_NOTICE
         ui.progressBar.hide()
         ui.finetuneProgressBar.hide()
@@ -209,7 +251,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Never waits: cancels are sent, and what has not ended is followed (and killed after the grace period)
         by background threads, as no timer of this widget will run any more."""
         from JointRegSegLib.worker import reap_in_background
-        for timer in (self.pollTimer, self.finetuneTimer, self.stopTimer):
+        for timer in self.timers():
             timer.stop()
         self.cancelJob()
         self.cancelFinetune()
@@ -219,9 +261,35 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.stopWorker(wait=False, timeout_s=self.cancelGraceSeconds)
         self.removeObservers()
 
+    def timers(self) -> tuple:
+        return (self.pollTimer, self.finetuneTimer, self.stopTimer, self.deviceTimer, self.idleTimer)
+
     def enter(self) -> None:
         self.initializeParameterNode()
         self.logic.warmUp()              # start the engine in the background while the user picks volumes
+        if not self.logic.devicesKnown():
+            self.deviceTimer.start()     # the device list gains "cuda" once the engine has reported
+        self.idleTimer.start()
+
+    def onDevicePoll(self) -> None:
+        """Refill the device list once the engine has said whether CUDA is there (or has stopped)."""
+        if self.logic.devicesKnown() or not self.logic.worker().alive:
+            self.deviceTimer.stop()
+            self.populateDevices()
+
+    def onIdlePoll(self) -> None:
+        """End the engine process after IDLE_MINUTES without use (it starts again on the next run)."""
+        if self.job is None and not self.stopping:
+            self.logic.stopIdleWorker(IDLE_MINUTES * 60)
+
+    def onReleaseEngine(self, *args) -> None:
+        """Free the engine's memory now (its process ends; CPU and GPU memory go back to Slicer and to other
+        extensions). Not while a run goes on."""
+        if self.job is not None:
+            self.showError(_("Wait for the registration to finish (or cancel it) before freeing the engine."))
+            return
+        self.logic.stopWorker(wait=False, timeout_s=self.cancelGraceSeconds)
+        self.ui.releaseEngineButton.toolTip = _("Engine stopped; it starts again on the next run.")
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -238,9 +306,12 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @contextlib.contextmanager
     def reportErrors(self, what: str):
-        """Any exception in a slot becomes a message naming `what` failed (never an unhandled traceback)."""
+        """slicer.util.tryWithErrorDisplay(what, waitCursor=True) for the slots, except that the exception is not
+        raised again (a GUI slot must not raise) and the message goes through showError (one place)."""
+        cursor = self.logic.waitCursor() if self.logic is not None else contextlib.nullcontext()
         try:
-            yield
+            with cursor:
+                yield
         except Exception as err:        # noqa: BLE001 (a GUI slot must not raise)
             logging.exception(what)
             self.showError(f"{what}\n\n{err}")
@@ -248,8 +319,16 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- scene and parameter node ------------------------------------------------------------------
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelJob()                 # its inputs are going away: stop it, nothing will be loaded
-        self.results = None
+        self.clearResults()
         self.setParameterNode(None)
+
+    def clearResults(self) -> None:
+        """The results panel as before any run (its nodes are gone with the scene)."""
+        self.results = None
+        self.filledOutputs = {}
+        if self.ui.resultsLabel.text != _("Cancelled; the scene is unchanged."):
+            self.ui.resultsLabel.text = ""
+        self.ui.showJacobianButton.enabled = False
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -303,6 +382,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and (path or "") != self._parameterNode.modelPath:
             self._parameterNode.modelPath = path or ""
         self.ui.modelInfoLabel.text = self.logic.describeModel(path) if path else ""
+        self.ui.expectedInputLabel.text = self.logic.describeExpectedInput(path) if path else ""
         self.updateButtons()
 
     def populateDevices(self) -> None:
@@ -353,9 +433,13 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         with self.reportErrors(_("Could not start Register & Segment.")):
             self.logic.installDependencies(askConfirmation=True, confirm=self.confirm)
-            if node.newNodesEachRun:             # keep the previous run's results: make new nodes
-                for parameter in OUTPUT_PARAMETERS.values():
-                    setattr(node, parameter, None)
+            if node.newNodesEachRun:
+                # keep the previous run's results: new nodes where a selector still shows what the last run made;
+                # a node the user chose or created in a selector is filled
+                for parameter, nodeId in self.filledOutputs.items():
+                    chosen = getattr(node, parameter)
+                    if chosen is not None and chosen.GetID() == nodeId:
+                        setattr(node, parameter, None)
             guide = (node.guideMovingSegmentation, node.guideFixedSegmentation) \
                 if node.guideMovingSegmentation or node.guideFixedSegmentation else None
             self.job = self.logic.start(node.movingVolume, node.fixedVolume, node.modelPath, affine=node.affine,
@@ -407,9 +491,11 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.resultsLabel.text = _("Cancelled; the scene is unchanged.")
                     return
                 self.results = results
+                self.filledOutputs = {}
                 for role, parameter in OUTPUT_PARAMETERS.items():
                     if getattr(results, role) is not None:
                         setattr(node, parameter, getattr(results, role))
+                        self.filledOutputs[parameter] = getattr(results, role).GetID()
                 self.ui.resultsLabel.text = self.logic.describeQc(results.qc)
                 self.ui.showJacobianButton.enabled = results.jacobian is not None
                 self.logic.showResults(results, node.fixedVolume)
@@ -459,8 +545,11 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowJacobian(self, *args) -> None:
         with self.reportErrors(_("Could not show the Jacobian map.")):
-            if self.results is None or self.results.jacobian is None:
-                raise JointRegSegError(_("run Register & Segment with 'Jacobian map' checked first"))
+            if self.results is None or self.results.jacobian is None \
+                    or slicer.mrmlScene.GetNodeByID(self.results.jacobian.GetID()) is None:
+                self.ui.showJacobianButton.enabled = False
+                raise JointRegSegError(_("there is no Jacobian map in this scene: run Register & Segment (with "
+                                         "'Jacobian map' checked) first"))
             self.logic.showJacobian(self.results.jacobian, self._parameterNode.fixedVolume)
 
     # --- annotate & refine ------------------------------------------------------------------------
@@ -541,6 +630,10 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text, improved = self.logic.describeFinetune(output)
             self.ui.finetuneResultLabel.text = text
             self.populateModels()              # the new model is in the user models folder: listed from now on
+            if not improved and self.logic.finetuneComparable(output):
+                improved = self.confirm(_("The fine-tuned model was not shown to be better on corrected cases it "
+                                          "was not trained on.\n\n{text}\n\nUse it anyway?").format(
+                    text=text.replace("<br>", "\n")))
             if improved:
                 self._parameterNode.modelPath = str(output)
                 self.populateModels()
@@ -711,10 +804,22 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
                 names=", ".join(still)))
 
     @staticmethod
+    @contextlib.contextmanager
     def waitCursor():
-        """slicer.util.WaitCursor where this Slicer has it (a plain context otherwise)."""
-        cursor = getattr(slicer.util, "WaitCursor", None)
-        return cursor() if cursor is not None else contextlib.nullcontext()
+        """slicer.util.WaitCursor where this Slicer has it and an application to show it (nothing otherwise)."""
+        factory = getattr(slicer.util, "WaitCursor", None)
+        cursor = None
+        if factory is not None:
+            try:
+                cursor = factory()
+                cursor.__enter__()
+            except Exception:                # noqa: BLE001 (no application: headless Python)
+                cursor = None
+        try:
+            yield
+        finally:
+            if cursor is not None:
+                cursor.__exit__(None, None, None)
 
     @staticmethod
     def _pipEnsure():
@@ -752,8 +857,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     def availableDevices(self) -> list:
         """auto and cpu, plus cuda only where a CUDA device is there (asked of the warm worker, which has
         torch loaded, else of torch if Slicer already imported it; never imports torch here)."""
-        from JointRegSegLib.worker import shared_worker
-        worker = shared_worker(self.python)
+        worker = self.worker()
         if "cuda" in worker.info:
             cuda = worker.info["cuda"]
         elif "torch" in sys.modules:
@@ -771,6 +875,15 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         """Start the engine process now (when the dependencies are there), so the first click does not wait."""
         if self.warm and not self.missingDependencies():
             self.worker().start()
+
+    def devicesKnown(self) -> bool:
+        """Whether the engine has reported if CUDA is there (until then "cuda" may still come: the list is
+        filled again once it has)."""
+        return "cuda" in self.worker().info
+
+    def stopIdleWorker(self, idle_s: float) -> bool:
+        """End the warm worker if nothing has used it for `idle_s` seconds; True if it was ended."""
+        return self.worker().stop_if_idle(idle_s)
 
     def stopWorker(self, wait: bool = True, timeout_s: float = 5.0) -> None:
         """End the warm worker; `wait=False` returns at once (a background thread kills it after `timeout_s`)."""
@@ -810,9 +923,14 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     # --- showing results ------------------------------------------------------------------------
     @staticmethod
     def showResults(results, fixed) -> None:
-        """Warped moving volume over the fixed one, the fixed segmentation as outlines."""
+        """Warped moving volume over the fixed one, the fixed segmentation as outlines (2D fill off)."""
         from JointRegSegLib.mrml import show_over
         show_over(fixed, results.warped, 0.5)
+        display = results.fixed_segmentation.GetDisplayNode() if results.fixed_segmentation is not None else None
+        if display is not None:
+            display.SetVisibility(True)
+            display.SetVisibility2DOutline(True)
+            display.SetVisibility2DFill(False)
         for role in ("moving_segmentation", "warped_moving_segmentation", "fixed_brain_mask", "moving_brain_mask"):
             node = getattr(results, role)
             if node is not None and node.GetDisplayNode() is not None:
@@ -876,18 +994,45 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         card = read_card(path)
         info = card.get("finetune", {})
         before, after = info.get("metrics_before", {}), info.get("metrics_after", {})
-        improved = bool(info.get("improved"))
-        text = (f"Segmentation Dice on {info.get('measured_on', '?')}: "
-                f"{before.get('segmentation_dice_mean', float('nan')):.3f} → "
-                f"{after.get('segmentation_dice_mean', float('nan')):.3f}<br>"
-                + (f"New model: {path}" if improved else
-                   f"The new model is not better; the panel keeps the previous model (saved as {path})."))
+        dice_before = before.get("segmentation_dice_mean", float("nan"))
+        dice_after = after.get("segmentation_dice_mean", float("nan"))
+        # evidence enough to switch: better (not equal) on corrected cases the fine-tuning did not train on
+        held_out = bool(info.get("held_out"))
+        improved = held_out and dice_after > dice_before
+        if improved:
+            verdict = f"Better on held-out cases. New model: {path}"
+        elif held_out:
+            verdict = f"Not better on held-out cases; the panel keeps the previous model (saved as {path})."
+        else:
+            verdict = ("Measured on the cases it was trained on (none held out): this does not show that it is "
+                       f"better on new images. Add more corrected cases to hold some out. Saved as {path}.")
+        text = (f"Segmentation Dice on {info.get('measured_on', '?')}: {dice_before:.3f} → {dice_after:.3f}<br>"
+                + verdict)
         return text, improved
+
+    @staticmethod
+    def finetuneComparable(path) -> bool:
+        """Not worse where it was measured: worth asking whether to use it (a held-out loss is not asked)."""
+        info = read_card(path).get("finetune", {})
+        before = info.get("metrics_before", {}).get("segmentation_dice_mean", float("nan"))
+        after = info.get("metrics_after", {}).get("segmentation_dice_mean", float("nan"))
+        return not info.get("held_out") and after >= before
 
     # --- text for the panel --------------------------------------------------------------------
     @staticmethod
     def describeStage(stage: str) -> str:
-        return _(STAGE_WORDS.get(stage, stage[:1].upper() + stage[1:] + "…" if stage else "Working…"))
+        if stage in STAGE_WORDS:
+            return STAGE_WORDS[stage]
+        return stage[:1].upper() + stage[1:] + "…" if stage else _("Working…")
+
+    @staticmethod
+    def describeExpectedInput(path) -> str:
+        """The input the model expects, in the card's own words (shown next to the volume selectors)."""
+        try:
+            card = read_card(path)
+        except JointRegSegError:
+            return ""
+        return _("This model expects: {modality}").format(modality=card.get("modality") or "?")
 
     @staticmethod
     def describeModel(path) -> str:
@@ -919,6 +1064,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
                 f"Training: {training.get('strategy', '?')}, "
                 + (f"{len(training['labelled_images'])} labelled images; " if "labelled_images" in training else "")
                 + f"data: {sources or '?'}" + (f"; held out: {data['held_out']}" if data.get("held_out") else "")
+                + f"<br><b>Licence of the model weights:</b> {licenceWords(card)}"
                 + validation)
 
     @staticmethod
@@ -929,10 +1075,14 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         fixed, moving = qc.get("fixed_volumes_ml", {}), qc.get("moving_volumes_ml", {})
         ranges = {e["name"]: e["volume_ml"] for e in (label_table or qc.get("label_table") or [])
                   if isinstance(e.get("volume_ml"), (list, tuple)) and len(e["volume_ml"]) == 2}
+        engine = [str(f) for f in qc.get("volume_flags") or []]
         flags = {}
         for name, value in fixed.items():
             flag = ""
-            if value <= 0:
+            said = [f for f in engine if f.startswith(f"{name}:")]
+            if said:
+                flag = said[0][len(name) + 1:].strip()
+            elif value <= 0:
                 flag = "not found"
             elif name in ranges and not ranges[name][0] <= value <= ranges[name][1]:
                 flag = f"outside the expected {ranges[name][0]:g}–{ranges[name][1]:g} ml"
@@ -960,16 +1110,33 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
             text += "Warnings:<ul>" + "".join(f"<li>&#9888; {html.escape(str(w))}</li>" for w in warnings) + "</ul>"
         return text
 
+    @staticmethod
+    def volumeWord(flag: str, status) -> str:
+        """The check column of one structure: its warning, else "plausible", or, when the run's self-check
+        says the registration needs checking, "unverified" (a volume ratio cannot vouch for the result)."""
+        import html
+        if flag:
+            return "&#9888; " + html.escape(flag)
+        if status == "check":
+            return "unverified: the registration needs checking"
+        return "plausible"
+
     @classmethod
     def describeQc(cls, qc: dict) -> str:
+        import html
         volumes = qc.get("fixed_volumes_ml", {})
         moving = qc.get("moving_volumes_ml", {})
         flags = cls.volumeFlags(qc)
+        status = qc.get("registration_status")
         rows = "".join(
             f"<tr><td>{name}</td><td align='right'>{value:.1f}</td>"
             f"<td align='right'>{moving.get(name, float('nan')):.1f}</td>"
-            f"<td>{'&#9888; ' + flags[name] if flags.get(name) else 'ok'}</td></tr>"
+            f"<td>{cls.volumeWord(flags.get(name, ''), status)}</td></tr>"
             for name, value in volumes.items())
+        named = {f"{name}:" for name in volumes}
+        other = [f for f in qc.get("volume_flags") or [] if not any(str(f).startswith(n) for n in named)]
+        rows_note = ("Volume checks:<ul>" + "".join(f"<li>&#9888; {html.escape(str(f))}</li>" for f in other)
+                     + "</ul>") if other else ""
         timing = qc.get("timing_s", {})
         folding = qc["folding_percent"]
         verdict = "ok" if folding < 0.1 else "&#9888; high: check the alignment"
@@ -978,6 +1145,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
                 f"Jacobian determinant: {qc['jacobian_min']:.3f} to {qc['jacobian_max']:.3f}<br>"
                 f"Time: {timing.get('total', float('nan')):.1f} s on {qc.get('device', '?')}<br>"
                 f"<table><tr><th>structure</th><th>fixed ml</th><th>moving ml</th><th>check</th></tr>{rows}</table>"
+                + rows_note +
                 f"<p><i>{RESEARCH_NOTICE}</i></p>")
 
 
@@ -997,11 +1165,14 @@ class JointRegSegTest(ScriptedLoadableModuleTest):
         self.test_register_and_segment_sample_pair()
 
     def loadSamplePair(self):
-        volumes = slicer.modules.volumes.logic()
-        moving = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["moving"][0]), SAMPLE_PAIR["moving"][1])
-        fixed = volumes.AddArchetypeVolume(str(SAMPLE_FOLDER / SAMPLE_PAIR["fixed"][0]), SAMPLE_PAIR["fixed"][1])
-        self.assertIsNotNone(moving)
-        self.assertIsNotNone(fixed)
+        """The pair as a user gets it: through the Sample Data module (category JointRegSeg), local files."""
+        import SampleData
+        name = sampleDataSources()["sampleName"]
+        logic = SampleData.SampleDataLogic()
+        if not logic.sourceForSampleName(name):          # registered at start-up; a test may run before that
+            registerSampleData()
+        moving, fixed = logic.downloadSamples(name)
+        self.assertEqual((moving.GetName(), fixed.GetName()), (SAMPLE_PAIR["moving"][1], SAMPLE_PAIR["fixed"][1]))
         return moving, fixed
 
     def test_sample_pair_and_the_logic_contract(self):

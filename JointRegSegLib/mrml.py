@@ -9,6 +9,7 @@ Coordinates: files are LPS (ITK); MRML is RAS; F = diag(-1, -1, 1) converts eith
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import weakref
@@ -223,9 +224,15 @@ def check_inputs(moving_node, fixed_node) -> None:
                               "different volumes")
 
 
-def check_outputs(outputs: dict | None) -> dict:
-    """Validate the nodes chosen for the outputs (role -> node or None) before any work starts."""
+def check_outputs(outputs: dict | None, inputs=()) -> dict:
+    """Validate the nodes chosen for the outputs (role -> node or None) before any work starts; an output may
+    not be one of the `inputs` (its voxels would be overwritten)."""
     outputs = {role: node for role, node in (outputs or {}).items() if node is not None}
+    input_ids = {node.GetID() for node in inputs if node is not None}
+    for role, node in outputs.items():
+        if node.GetID() in input_ids:
+            raise InputImageError(f"the output {role.replace('_', ' ')} '{node.GetName()}' is an input of this run; "
+                                  "its voxels would be overwritten: choose another node or 'Create new'")
     unknown = set(outputs) - set(OUTPUT_ROLES)
     if unknown:
         raise JointRegSegError(f"unknown output roles {sorted(unknown)}; known: {OUTPUT_ROLES}")
@@ -600,6 +607,47 @@ def _into_existing(scene, results: Results, outputs: dict) -> None:
 
 # --- a job --------------------------------------------------------------------------------------
 
+WORK_PREFIX = "JointRegSeg-"
+
+
+def temporary_root() -> Path:
+    """Slicer's temporary folder (Application settings > Temporary directory; slicer.app.temporaryPath, the
+    folder slicer.util.tempDirectory uses), else the system's when there is no Slicer application."""
+    app = getattr(slicer, "app", None)
+    folder = getattr(app, "temporaryPath", None) if app is not None else None
+    return Path(folder) if folder else Path(tempfile.gettempdir())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_work_folders(root: Path) -> list[Path]:
+    """Work folders of a Slicer that is gone (crashed: copies of patient volumes left behind); returns them,
+    removed. A folder is named JointRegSeg-<pid>-<random>; those of a live process are kept."""
+    removed = []
+    for folder in root.glob(f"{WORK_PREFIX}*-*"):
+        pid = folder.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def work_folder() -> Path:
+    """A private folder for one run's copies of the inputs and its outputs, in Slicer's temporary folder,
+    named after this process (so that a later session removes it if this one crashes)."""
+    root = temporary_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_folders(root)
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=root))
+
 class Job:
     """One Register & Segment run on scene nodes: export inputs, run the lib in another process, import
     outputs. `run` has progress, state and cancel: a request to the warm `worker` when one is given (model
@@ -611,7 +659,7 @@ class Job:
         """`guide` = (moving segmentation node, fixed segmentation node): corrected segmentations that the
         refinement also aligns (label-driven instance optimisation)."""
         check_inputs(moving_node, fixed_node)
-        check_outputs(outputs)
+        check_outputs(outputs, (moving_node, fixed_node, *(guide or ())))
         if model_path is None:
             from .models import default_model_path
             model_path = default_model_path()
@@ -621,7 +669,7 @@ class Job:
         if guide is not None and any(g is None for g in guide):
             raise InputImageError("label guidance needs a corrected segmentation of both images")
         self.moving_id, self.fixed_id = moving_node.GetID(), fixed_node.GetID()
-        self.workdir = Path(tempfile.mkdtemp(prefix="JointRegSeg-"))
+        self.workdir = work_folder()
         # removed however the job ends: finished, cancelled, failed, or dropped (scene closed, Slicer quit)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
         try:

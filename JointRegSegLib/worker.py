@@ -242,6 +242,7 @@ class WorkerTask(_RunState):
         if self._finished.is_set():
             return
         self.state, self.error, self.reply = state, error, reply or {}
+        self.worker.last_used = time.monotonic()     # the idle time counts from the end of the request
         self._finished.set()
 
     def request_cancel(self, grace_s: float = 10.0) -> None:
@@ -274,6 +275,7 @@ class WarmWorker:
         self._lock = threading.RLock()
         self._ready = threading.Event()
         self._readers: dict = {}
+        self.last_used = time.monotonic()          # last start, request or end of a request (idle timeout)
 
     @property
     def alive(self) -> bool:
@@ -300,6 +302,7 @@ class WarmWorker:
                                        errors="replace", bufsize=1, **popen_options())
             self.process = process
             self.starts += 1
+            self.last_used = time.monotonic()
             reader = threading.Thread(target=self._read_events, args=(process,), daemon=True)
             self._readers = {p: t for p, t in self._readers.items() if t.is_alive()}
             self._readers[process] = reader
@@ -323,6 +326,7 @@ class WarmWorker:
                 raise JointRegSegError("the engine is busy with another run; wait for it or cancel it")
             task = WorkerTask(self, str(next(self._ids)))
             self.task = task
+            self.last_used = time.monotonic()
             message = json.dumps({"command": "run", "id": task.id, "args": args}) + "\n"
             for attempt in range(2):
                 self.start()
@@ -377,6 +381,21 @@ class WarmWorker:
         process = self.process
         if process is not None:
             kill_process_tree(process, grace_s=2.0)
+
+    def idle_for(self) -> float:
+        """Seconds since the worker was last started or used (0 while a request runs)."""
+        if self.busy:
+            return 0.0
+        return time.monotonic() - self.last_used
+
+    def stop_if_idle(self, idle_s: float) -> bool:
+        """End the process (its memory, CPU and GPU, freed) when nothing used it for `idle_s` seconds; returns
+        at once; True if it was ended. The next request starts a new one."""
+        with self._lock:
+            if not self.alive or self.busy or self.idle_for() < idle_s:
+                return False
+        self.stop(wait=False)
+        return True
 
     def stop(self, timeout_s: float = 5.0, wait: bool = True) -> None:
         """End the worker (cancelling a running request). `wait=False`: ask it to quit and return at once; a
@@ -545,6 +564,17 @@ def _write_brain_masks(result, out_dir: Path) -> None:
             sitk.WriteImage(sitk.Cast(mask != 0, sitk.sitkUInt8), str(path), True)
 
 
+def release_gpu_memory(torch_module=None) -> bool:
+    """Give the CUDA caching allocator's unused blocks back to the driver (other extensions in the same Slicer
+    can then use them); True if there was a CUDA context to release."""
+    torch = torch_module or sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_available() or not cuda.is_initialized():
+        return False
+    cuda.empty_cache()
+    return True
+
+
 def events_on_stdout():
     """The process's original stdout as a line-buffered text file for protocol events (JSON lines); file
     descriptor 1 and sys.stdout then go to stderr, so whatever libraries print never enters the protocol."""
@@ -622,6 +652,7 @@ def serve(stdin=None) -> int:
             send({"event": "failed", "id": request_id, "error": f"{type(err).__name__}: {err}"})
         finally:
             cancels.pop(request_id, None)
+            release_gpu_memory(torch)       # after a GPU run: the cached blocks go back to the driver
 
 
 if __name__ == "__main__":

@@ -250,6 +250,37 @@ def make_widget(module, ctx):
     return widget
 
 
+class _SampleDataLogic:
+    """SampleData's logic as the module uses it: custom sources registered by name, loaded from their local
+    (file://) URIs into the scene as volumes named after the source's nodeNames."""
+    sources: dict = {}
+    loads: list = []
+
+    @classmethod
+    def registerCustomSampleDataSource(cls, category="Custom", sampleName=None, uris=None, fileNames=None,
+                                       nodeNames=None, thumbnailFileName=None, **kwargs):
+        cls.sources[sampleName] = dict(category=category, uris=list(uris), fileNames=list(fileNames),
+                                                    nodeNames=list(nodeNames), thumbnailFileName=thumbnailFileName)
+
+    def sourceForSampleName(self, sampleName):
+        return self.sources.get(sampleName)
+
+    def downloadSamples(self, sampleName):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+        source = self.sources[sampleName]
+        self.loads.append(sampleName)
+        volumes = slicer.modules.volumes.logic()
+        return [volumes.AddArchetypeVolume(url2pathname(urlparse(uri).path), name)
+                for uri, name in zip(source["uris"], source["nodeNames"])]
+
+
+def sample_data_module():
+    """A fresh SampleData stand-in (no sources registered)."""
+    logic = type("SampleDataLogic", (_SampleDataLogic,), {"sources": {}, "loads": []})
+    return _stub("SampleData", SampleDataLogic=logic)
+
+
 def import_module_file(monkeypatch):
     """Import JointRegSeg/JointRegSeg.py with the Slicer-GUI-only modules stubbed."""
     class Base:
@@ -266,7 +297,8 @@ def import_module_file(monkeypatch):
     stubs = {"qt": _stub("qt"), "ctk": _stub("ctk"), "slicer.ScriptedLoadableModule": slm,
              "slicer.parameterNodeWrapper": _stub("slicer.parameterNodeWrapper",
                                                   parameterNodeWrapper=_parameter_node_wrapper),
-             "slicer.i18n": _stub("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s)}
+             "slicer.i18n": _stub("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s),
+             "SampleData": sample_data_module()}
     for name, module in stubs.items():
         monkeypatch.setitem(sys.modules, name, module)
         if "." in name:
