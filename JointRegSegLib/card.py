@@ -191,7 +191,8 @@ def summary_lines(card: dict) -> list[str]:
                 parts.append(f"{key} {training[key]}")
         parent = card.get("parent") or (card.get("finetune") or {}).get("parent")
         if parent:
-            parts.append(f"fine-tuned from {parent}")
+            name = parent.get("name", "?") if isinstance(parent, dict) else parent
+            parts.append(f"fine-tuned from {name}")
         lines += _wrapped("training", "; ".join(parts) or "(see --json)")
     data = card.get("data")
     if isinstance(data, dict):

@@ -34,22 +34,27 @@ def main(argv=None) -> int:
     from .pipeline import register_and_segment
     from .progress import stderr_progress
     moving = read_image(SAMPLES / "colin27_t1_brain_2mm.nii.gz", "moving")
-    fixed = read_image(SAMPLES / "itk_subject_t1_brain.nii.gz", "fixed")
+    # the fixed image as the scanner wrote it (a head with skull and scalp): the default model finds the brains
+    fixed = read_image(SAMPLES / "itk_brain_t1.nii.gz", "fixed")
     model = default_model_path()
-    print(f"model {model.name}: registering Colin27 (moving) onto the ITK subject (fixed)", file=sys.stderr)
+    print(f"model {model.name}: registering Colin27's brain (moving) onto the ITK subject's head (fixed)",
+          file=sys.stderr)
     result = register_and_segment(moving, fixed, model, device=args.device, refine_iterations=args.refine,
                                   progress=stderr_progress)
     out = Path(args.out)
     written = write_result(result, out, extra_qc={"inputs": {"moving": "colin27_t1_brain_2mm.nii.gz",
-                                                             "fixed": "itk_subject_t1_brain.nii.gz",
+                                                             "fixed": "itk_brain_t1.nii.gz",
                                                              "model": model.name}},
                            report_fixed=fixed, replace=True)
     for key, path in written.items():
         print(f"{key:28s} {path}")
     qc = result.qc
     print(f"folding {qc['folding_percent']:.4f} %, total {qc['timing_s']['total']:.1f} s on {qc['device']}")
+    print(f"registration self-check: {qc.get('registration_status')} (mean agreement {qc.get('agreement_mean')})")
     for flag in qc.get("volume_flags", []):
         print(f"warning: {flag}")
+    for warning in qc.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 

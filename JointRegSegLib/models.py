@@ -9,7 +9,7 @@ from .errors import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODELS = REPO_ROOT / "Resources" / "Models"
-DEFAULT_MODEL_NAME = "brain-synth.safetensors"
+DEFAULT_MODEL_NAME = "brain-head-synth.safetensors"
 
 
 def model_folders() -> list[Path]:

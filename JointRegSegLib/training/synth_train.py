@@ -20,6 +20,14 @@ end-point error in mm over the fixed brain; on every pair, or with `flow_pairs: 
 of one anatomy): SynthMorph trains on label overlap alone, which cannot see a shift inside a uniform
 structure and let the network add sub-millimetre deformation to pairs whose only difference is an affine.
 
+With `parts: ["segmentation"]` (and `labels`/`sources`: "whole-brain") only the segmentation network is
+trained, from a parent model (`--init`, `relabelled_model`) whose registration and affine it keeps: one
+synthetic subject a step, with a procedural head around the brain or without (`data/head_layers.py`, as
+SynthStrip's generator), any contrast and resolution, scored by the partial-label loss
+(`partial_labels.py`: a source that lacks a structure never teaches background there) plus the soft Dice
+of the brain mask. The registration then runs on the brains the new segmentation finds (card
+`brain_mask.registration`).
+
 Deviations from the papers, on purpose: a stationary velocity field (diffeomorphic) instead of
 SynthMorph's direct displacement in some variants; 2 mm working grid and a few thousand steps on a CPU
 where the papers train ~10^5 steps on GPUs; the label maps are the offline ones (Colin27 held out).
