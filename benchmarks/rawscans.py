@@ -25,6 +25,7 @@ agreement as `jointregseg run` reports them.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import sys
@@ -240,11 +241,10 @@ def main(argv=None) -> int:
                            "agreement_mean": qc.get("agreement_mean"),
                            "attempts": qc.get("registration_attempts"), "warnings": qc.get("warnings"),
                            "brain": qc.get("brain")})
-        with open(out / f"results_{family}.csv", "w", encoding="utf-8") as handle:
-            keys = list(rows[0])
-            handle.write(",".join(keys) + "\n")
-            for r in rows:
-                handle.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+        with open(out / f"results_{family}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
     (out / "selfcheck.json").write_text(json.dumps(checks, indent=1), encoding="utf-8")
     check_lines = ["| family | pair | status | agreement | attempts |", "|---|---|---|---|---|"]
     check_lines += [f"| {c['family']} | {c['pair']} | {c['status']} | {c['agreement_mean']} | "
