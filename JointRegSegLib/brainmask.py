@@ -39,12 +39,16 @@ def brain_of(probabilities: torch.Tensor) -> np.ndarray:
     """Brain voxels: where background is not the most likely class, holes filled (ventricles, a dark
     structure the network missed), the largest connected piece kept."""
     labels = probabilities[0].max(0).indices.cpu().numpy() > 0
-    if not labels.any():
-        return labels
-    mask = sitk.GetImageFromArray(labels.astype(np.uint8))
-    pieces = sitk.ConnectedComponent(mask)
-    largest = sitk.RelabelComponent(pieces, sortByObjectSize=True) == 1
-    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(bool)
+    return sitk.GetArrayFromImage(largest_filled(sitk.GetImageFromArray(labels.astype(np.uint8)))).astype(bool)
+
+
+def largest_filled(mask: sitk.Image) -> sitk.Image:
+    """A UInt8 mask's largest connected piece with its holes filled (an empty mask stays empty)."""
+    if not sitk.GetArrayViewFromImage(mask).any():
+        return mask
+    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True) == 1,
+                        sitk.sitkUInt8)
+    return sitk.BinaryFillhole(largest)
 
 
 def _centroid(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
@@ -99,10 +103,7 @@ def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:
     largest connected piece, holes filled (UInt8, 1 = brain)."""
     mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
     mask.CopyInformation(like)
-    if not (labels > 0).any():
-        return mask
-    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True) == 1, sitk.sitkUInt8)
-    return sitk.BinaryFillhole(largest)
+    return largest_filled(mask)
 
 
 # T1-like intensity of each structure (any fixed contrast does: the registration network was trained on
@@ -130,16 +131,9 @@ def render_from_segmentation(probabilities: torch.Tensor, intensities: torch.Ten
     return (probabilities * intensities.to(probabilities).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
 
 
-def mask_on(image_w: sitk.Image, brain: sitk.Image, transform: sitk.Transform | None) -> sitk.Image:
-    """A working-grid image with everything outside a brain mask (on its own grid, reached from the working
-    grid through `transform`) set to the image's background."""
-    on_grid = resample(brain, image_w, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.Mask(image_w, on_grid, outsideValue=background_value(image_w))
-
-
 def brain_tensor(location: BrainLocation, card: dict, device) -> torch.Tensor:
     """The brain alone on its brain-centred grid, normalised as the model is fed."""
-    brain = mask_on(location.image, mask_image(location), None)
+    brain = masked(location.image, mask_image(location))
     return normalize(to_tensor(brain, device), card["intensity"])
 
 

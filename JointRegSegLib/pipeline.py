@@ -12,7 +12,7 @@ import torch
 
 from . import selfcheck
 from .affine import affine_prealign
-from .brainmask import (full_resolution_mask, locate_brain, mask_image, mask_on, masked, prealign_brains,
+from .brainmask import (full_resolution_mask, locate_brain, mask_image, masked, prealign_brains,
                         render_from_segmentation, rendering_intensities)
 from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
@@ -62,6 +62,25 @@ class Result:
         if self._displacement is None:
             self._displacement = displacement_on(self.transform, self.warped)
         return self._displacement
+
+
+@dataclass
+class _Attempt:
+    """One registration of a run (its affine method, then the network) with its self-check."""
+
+    method: str | None            # affine method, None without an affine step
+    affine: sitk.AffineTransform | None
+    grid: sitk.Image
+    device: torch.device
+    iterations: int               # refinement iterations run
+    ddf_voxels: np.ndarray
+    fixed_probs: torch.Tensor     # after fusion (when the check passed) and the clean-up
+    moving_probs: torch.Tensor
+    velocity_scale: float
+    scores: dict                  # agreement per structure
+    agreement_mean: float | None
+    segmentation_mode: str        # the mode used: the card's, or "network" when the check failed
+    brains: tuple | None          # two-class brain maps (fixed, moving) for the masks, when the card outputs them
 
 
 def _as_model(model, device) -> JointRegSegModel:
@@ -155,6 +174,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                          "`inference.scales` to choose from")
     threshold = selfcheck.threshold_of(card)
     masking = card.get("brain_mask", {}).get("registration") == "masked"
+    outputs_masks = bool(card.get("brain_mask", {}).get("output"))
     refine_cfg = {**card.get("refinement", {})}
     similarity = refine_similarity or refine_cfg.get("similarity", "lncc")
     smoothness = refine_smoothness if refine_smoothness is not None else refine_cfg.get("smoothness", 1.0)
@@ -213,8 +233,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             moving_w = resample(moving, grid, affine_tx, default=_background(moving))
             fixed_w_reg, moving_w_reg = fixed_w, moving_w
             if locations is not None:
-                fixed_w_reg = mask_on(fixed_w, mask_image(locations["fixed"]), None)
-                moving_w_reg = mask_on(moving_w, mask_image(locations["moving"]), affine_tx)
+                fixed_w_reg = masked(fixed_w, mask_image(locations["fixed"]))
+                moving_w_reg = masked(moving_w, mask_image(locations["moving"]), affine_tx)
             guide = None
             if guide_labels is not None:
                 guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
@@ -226,7 +246,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             fixed_t = normalize(to_tensor(fixed_w, dev), card["intensity"])
             moving_t = normalize(to_tensor(moving_w, dev), card["intensity"])
             fixed_r, moving_r = fixed_t, moving_t
-            if masking:
+            if locations is not None:
                 fixed_r = normalize(to_tensor(fixed_w_reg, dev), card["intensity"])
                 moving_r = normalize(to_tensor(moving_w_reg, dev), card["intensity"])
             scale = 1.0
@@ -264,18 +284,20 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                 # (before fusion and before the largest-piece clean-up, which works structure by structure)
                 # (brain_mask.threshold t: brain where 1 - p_background > t; shifting both by 0.5 - t keeps the
                 # two-class map's argmax under linear interpolation to full resolution)
-                shift = 0.5 - float(card.get("brain_mask", {}).get("threshold", 0.5))
-                brains = tuple(torch.cat([p[:, :1] - shift, 1 - p[:, :1] + shift], 1).clamp(0, 1).cpu()
-                               for p in (fixed_probs, moving_probs))
+                brains = None
+                if outputs_masks:
+                    shift = 0.5 - float(card.get("brain_mask", {}).get("threshold", 0.5))
+                    brains = tuple(torch.cat([p[:, :1] - shift, 1 - p[:, :1] + shift], 1).clamp(0, 1).cpu()
+                                   for p in (fixed_probs, moving_probs))
                 fixed_probs, moving_probs = joint_probabilities(
                     network, velocity, fixed_probs, moving_probs, fixed_t.shape[2:], mode,
                     seg_card.get("largest_component", True), ddf=ddf)
-            return ddf[0].cpu().numpy(), fixed_probs.cpu(), moving_probs.cpu(), scale, scores, mean, mode, brains
+            return _Attempt(method, affine_tx, grid, dev, iterations, ddf[0].cpu().numpy(), fixed_probs.cpu(),
+                            moving_probs.cpu(), scale, scores, mean, mode, brains)
 
-        outcome, used = run_with_cpu_fallback(infer, torch_device)
+        outcome, _ = run_with_cpu_fallback(infer, torch_device)
         model.network.to(torch_device)
-        return {"affine": affine_tx, "grid": grid, "outcome": outcome, "device": used, "method": method,
-                "iterations": iterations}
+        return outcome
 
     methods = [affine_method if affine else None]
     if affine and card.get("self_check", {}).get("rescue", True):
@@ -284,14 +306,16 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
     for number, method in enumerate(methods):
         run = attempt(method, "affine pre-alignment" if number == 0 else f"rescue: {method} affine")
         attempts.append(run)
-        if selfcheck.status(run["outcome"][5], threshold) == "ok":
+        if selfcheck.status(run.agreement_mean, threshold) == "ok":
             break
-    best = max(attempts, key=lambda a: -1.0 if a["outcome"][5] is None else a["outcome"][5])
-    affine_tx, grid, used_device = best["affine"], best["grid"], best["device"]
-    ddf_voxels, fixed_probs, moving_probs, velocity_scale, scores, agreement_mean, used_mode, brains = best["outcome"]
+    best = max(attempts, key=lambda a: -1.0 if a.agreement_mean is None else a.agreement_mean)
+    affine_tx, grid, used_device = best.affine, best.grid, best.device
+    ddf_voxels, fixed_probs, moving_probs, brains = best.ddf_voxels, best.fixed_probs, best.moving_probs, best.brains
+    velocity_scale, scores, agreement_mean, used_mode = (best.velocity_scale, best.scores, best.agreement_mean,
+                                                         best.segmentation_mode)
     registration_status = selfcheck.status(agreement_mean, threshold)
     if registration_status == "check":
-        tried = ", ".join(f"{a['method'] or 'no'} affine ({a['outcome'][5]})" for a in attempts)
+        tried = ", ".join(f"{a.method or 'no'} affine ({a.agreement_mean})" for a in attempts)
         warnings_.append(f"the registration needs checking: the fixed image's own segmentation and the moving "
                          f"segmentation carried by the registration agree only {agreement_mean} (mean Dice; 'ok' "
                          f"needs {threshold}); tried: {tried}. The fixed segmentation is the network's own, "
@@ -317,7 +341,7 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         moving_seg = label_image_like(moving_labels, moving)
         warped_seg = resample(moving_seg, fixed, transform, sitk.sitkNearestNeighbor)
         fixed_mask = moving_mask = None
-        if card.get("brain_mask", {}).get("output"):
+        if outputs_masks:
             fixed_mask = full_resolution_mask(labels_on(brains[0], grid, fixed), fixed)
             moving_mask = full_resolution_mask(labels_on(brains[1], grid, moving, to_grid), moving)
     with reporter.stage("quality control"):
@@ -331,15 +355,15 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "agreement_mean": agreement_mean,
             "agreement_threshold": threshold,
             "agreement_dice": scores,
-            "registration_attempts": [{"affine_method": a["method"], "agreement_mean": a["outcome"][5],
-                                       "segmentation_mode": a["outcome"][6]} for a in attempts],
+            "registration_attempts": [{"affine_method": a.method, "agreement_mean": a.agreement_mean,
+                                       "segmentation_mode": a.segmentation_mode} for a in attempts],
             "warnings": warnings_,
             "fixed_volumes_ml": label_volumes_ml(fixed_labels, fixed.GetSpacing(), model.label_table),
             "moving_volumes_ml": label_volumes_ml(moving_labels, moving.GetSpacing(), model.label_table),
             "device": str(used_device),
             "model": card.get("name", "unnamed"),
             "affine_prealignment": affine,
-            "affine_method": best["method"] if affine else None,
+            "affine_method": best.method if affine else None,
             "registration_on_brain_masks": masking,
             "segmentation_mode": used_mode,
             "network_passes": network_passes,
@@ -348,8 +372,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             "affine_matrix": list(affine_tx.GetMatrix()) if affine_tx is not None else None,
             "affine_translation_mm": list(affine_tx.GetTranslation()) if affine_tx is not None else None,
             "affine_center_mm": list(affine_tx.GetCenter()) if affine_tx is not None else None,
-            "refine_iterations": int(best["iterations"]),
-            "refine_similarity": similarity if best["iterations"] else None,
+            "refine_iterations": int(best.iterations),
+            "refine_similarity": similarity if best.iterations else None,
             "working_grid": {"size": list(grid.GetSize()), "spacing": list(grid.GetSpacing())},
             "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()),
         }
