@@ -1,7 +1,7 @@
 """JointRegSeg: deep joint registration + segmentation of two 3D volumes, as a Slicer module.
 
 Thin by design: the Widget reads and writes the parameter node and calls the Logic; the Logic hands
-MRML nodes to JointRegSegLib.mrml, which runs the engine in a warm worker process (imports and model
+MRML nodes to JointRegSegLib.slicer.mrml, which runs the engine in a warm worker process (imports and model
 loaded once, kept between clicks) and builds result nodes.
 """
 import contextlib
@@ -30,9 +30,9 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
     if os.path.isdir(os.path.join(_candidate, "JointRegSegLib")) and _candidate not in sys.path:
         sys.path.append(_candidate)      # last: never shadows Slicer's own modules or site-packages
 
-from JointRegSegLib.card import licence_text, read_card  # noqa: E402  (needs the path above)
-from JointRegSegLib.errors import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
-from JointRegSegLib.models import REPO_ROOT, default_model_path, installed_models  # noqa: E402
+from JointRegSegLib.models.card import licence_text, read_card  # noqa: E402  (needs the path above)
+from JointRegSegLib.core.errors import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
+from JointRegSegLib.models.installed import REPO_ROOT, default_model_path, installed_models  # noqa: E402
 
 BROWSE_ITEM = "Browse…"
 DOCUMENTATION_URL = "https://github.com/jointregseg/SlicerJointRegSeg#in-3d-slicer"
@@ -250,7 +250,7 @@ class JointRegSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Never waits: cancels are sent, and what has not ended is followed (and killed after the grace period)
         by background threads, as no timer of this widget will run any more."""
-        from JointRegSegLib.worker import reap_in_background
+        from JointRegSegLib.slicer.worker import reap_in_background
         for timer in self.timers():
             timer.stop()
         self.cancelJob()
@@ -868,7 +868,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
 
     # --- the warm worker -------------------------------------------------------------------------
     def worker(self):
-        from JointRegSegLib.worker import shared_worker
+        from JointRegSegLib.slicer.worker import shared_worker
         return shared_worker(self.python)
 
     def warmUp(self) -> None:
@@ -893,8 +893,8 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     def start(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", python=None,
               guide=None, outputs=None):
         """Start the work in the warm worker; `guide` = (moving, fixed) corrected segmentation nodes that the
-        refinement also aligns. Returns a JointRegSegLib.mrml.Job (run.progress, run.state, cancel)."""
-        from JointRegSegLib.mrml import Job
+        refinement also aligns. Returns a JointRegSegLib.slicer.mrml.Job (run.progress, run.state, cancel)."""
+        from JointRegSegLib.slicer.mrml import Job
         python = python or self.python
         worker = self.worker() if self.warm and python == self.python else None
         return Job(moving, fixed, model or None, affine=affine, refine_iterations=refineIterations,
@@ -905,7 +905,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, moving, fixed, model=None, affine=True, refineIterations=0, device="auto", outputs=None,
                 jacobian=True, progress=None, cancel=None, python=None, guide=None):
-        """Blocking Register & Segment. Returns JointRegSegLib.mrml.Results (transform, warped,
+        """Blocking Register & Segment. Returns JointRegSegLib.slicer.mrml.Results (transform, warped,
         fixed_segmentation, moving_segmentation, warped_moving_segmentation, jacobian nodes and the qc dict).
         Raises JointRegSegError with a message naming the problem; the scene is then unchanged."""
         missing = self.missingDependencies()
@@ -924,7 +924,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showResults(results, fixed) -> None:
         """Warped moving volume over the fixed one, the fixed segmentation as outlines (2D fill off)."""
-        from JointRegSegLib.mrml import show_over
+        from JointRegSegLib.slicer.mrml import show_over
         show_over(fixed, results.warped, 0.5)
         display = results.fixed_segmentation.GetDisplayNode() if results.fixed_segmentation is not None else None
         if display is not None:
@@ -940,7 +940,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     def showJacobian(jacobian, fixed, opacity: float = 0.5) -> int:
         """The Jacobian determinant map (det J colour map: folding black, compression blue, expansion red) over
         the fixed volume in every slice view; returns how many views show it."""
-        from JointRegSegLib.mrml import show_over, style_jacobian
+        from JointRegSegLib.slicer.mrml import show_over, style_jacobian
         style_jacobian(jacobian)
         return show_over(fixed, jacobian, opacity)
 
@@ -948,22 +948,22 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def trainingCases(folder) -> list:
         """Case names in a training folder; file names only, no torch in Slicer's process."""
-        from JointRegSegLib.mrml import list_training_cases
+        from JointRegSegLib.slicer.mrml import list_training_cases
         return list_training_cases(folder)
 
     @staticmethod
     def caseName(volume) -> str:
-        from JointRegSegLib.mrml import case_name
+        from JointRegSegLib.slicer.mrml import case_name
         return case_name(volume)
 
     @staticmethod
     def caseExists(folder, volume) -> bool:
-        from JointRegSegLib.mrml import case_name, existing_case_files
+        from JointRegSegLib.slicer.mrml import case_name, existing_case_files
         return bool(existing_case_files(folder, case_name(volume)))
 
     def addTrainingCase(self, folder, volume, segmentation, model=None, overwrite=False):
         """Save a corrected case (image, label map by the model's structures, .seg.nrrd) into `folder`."""
-        from JointRegSegLib.mrml import save_training_case
+        from JointRegSegLib.slicer.mrml import save_training_case
         card = read_card(model or default_model_path())
         return save_training_case(folder, volume, segmentation, card["labels"], overwrite=overwrite)
 
@@ -978,7 +978,7 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         return str(folder / f"{base.stem}-ft{index}.safetensors")
 
     def startFinetune(self, model, folder, output, steps=300, device="auto", python=None):
-        from JointRegSegLib.worker import BackgroundRun
+        from JointRegSegLib.slicer.worker import BackgroundRun
         args = ["finetune", "--init", model or default_model_path(), "--labelled", folder, "--out", output,
                 "--steps", int(steps), "--device", device]
         return BackgroundRun(args, python=python or self.python)

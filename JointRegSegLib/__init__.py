@@ -1,6 +1,6 @@
 """JointRegSeg engine: joint deep registration + segmentation of 3D volumes in physical space.
 
-Names are imported on first use, so `import JointRegSegLib.mrml` or reading a model card inside
+Names are imported on first use, so `import JointRegSegLib.slicer.mrml` or reading a model card inside
 Slicer works before torch and MONAI are installed.
 """
 import sys
@@ -8,10 +8,10 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "register_and_segment": "pipeline", "Result": "pipeline", "load_model": "checkpoint",
-    "save_model": "checkpoint", "new_model": "checkpoint", "JointRegSegModel": "checkpoint",
-    "read_card": "card", "read_image": "imageio", "JointRegSegError": "errors", "InputImageError": "errors",
-    "CheckpointError": "errors", "Cancelled": "errors",
+    "register_and_segment": "inference.pipeline", "Result": "inference.pipeline", "load_model": "models.checkpoint",
+    "save_model": "models.checkpoint", "new_model": "models.checkpoint", "JointRegSegModel": "models.checkpoint",
+    "read_card": "models.card", "read_image": "io.imageio", "JointRegSegError": "core.errors", "InputImageError": "core.errors",
+    "CheckpointError": "core.errors", "Cancelled": "core.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

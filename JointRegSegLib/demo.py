@@ -6,8 +6,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .imageio import check_output_dir, read_image
-from .models import REPO_ROOT, default_model_path
+from .io.imageio import check_output_dir, read_image
+from .models.installed import REPO_ROOT, default_model_path
 
 SAMPLES = REPO_ROOT / "Resources" / "SampleData"
 
@@ -27,12 +27,12 @@ def main(argv=None) -> int:
     # `run`'s thread decision: the cores other programs leave free, measured while torch and MONAI import
     # (on a busy machine more threads than free cores make the refinement several times slower)
     from . import import_monai_lean
-    from .threads import configure_threads, describe
+    from .core.threads import configure_threads, describe
     choice = configure_threads(args.threads, warmup=import_monai_lean)
     print(f"threads: {describe(choice)}", file=sys.stderr)
-    from .outputs import write_result
-    from .pipeline import register_and_segment
-    from .progress import stderr_progress
+    from .io.outputs import write_result
+    from .inference.pipeline import register_and_segment
+    from .core.progress import stderr_progress
     moving = read_image(SAMPLES / "colin27_t1_brain_2mm.nii.gz", "moving")
     # the fixed image as the scanner wrote it (a head with skull and scalp): the default model finds the brains
     fixed = read_image(SAMPLES / "itk_brain_t1.nii.gz", "fixed")

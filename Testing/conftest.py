@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from JointRegSegLib import new_model, save_model
-from JointRegSegLib.geometry import make_grid
+from JointRegSegLib.core.geometry import make_grid
 
 TINY_CARD = {
     "name": "tiny-test-model",
@@ -75,7 +75,7 @@ def grid_for(name: str, center=(0.0, 0.0, 0.0)) -> sitk.Image:
 
 def sample_on(grid: sitk.Image, fn, transform=None) -> sitk.Image:
     """Image on `grid` whose voxel at x holds fn(transform(x)) (analytic, no resampling blur)."""
-    from JointRegSegLib.geometry import physical_points
+    from JointRegSegLib.core.geometry import physical_points
     points = physical_points(grid)
     if transform is not None:
         points = transform(points)
@@ -135,7 +135,7 @@ def sample_brain():
 
 def warp_by(image: sitk.Image, fixed_grid: sitk.Image, mapping) -> tuple[sitk.Image, np.ndarray]:
     """Resample `image` onto `fixed_grid` through `mapping` (fixed mm -> moving mm); also return mapping(points)."""
-    from JointRegSegLib.geometry import displacement_image, physical_points
+    from JointRegSegLib.core.geometry import displacement_image, physical_points
     points = physical_points(fixed_grid)
     truth = mapping(points)
     transform = sitk.DisplacementFieldTransform(displacement_image(truth - points, fixed_grid))

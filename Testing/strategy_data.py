@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from JointRegSegLib.networks import JointRegSegNet
+from JointRegSegLib.models.networks import JointRegSegNet
 from JointRegSegLib.training.dataset import FewShotData
 
 LABEL_TABLE = [{"value": 0, "name": "background"}, {"value": 1, "name": "core"}, {"value": 2, "name": "shell"}]

@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from JointRegSegLib import register_and_segment, threads
+from JointRegSegLib import register_and_segment
+from JointRegSegLib.core import threads
 from JointRegSegLib.cli import main
-from JointRegSegLib.errors import JointRegSegError
-from JointRegSegLib.outputs import OUTPUT_FILES
+from JointRegSegLib.core.errors import JointRegSegError
+from JointRegSegLib.io.outputs import OUTPUT_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -280,7 +281,7 @@ def test_workers_stop_by_themselves_when_the_batch_process_is_killed(cohort):
 
 def test_a_dead_workers_leftovers_are_found_by_name_not_by_pattern(tmp_path):
     """A pair named with glob characters: only its own half-staged folder is removed."""
-    from JointRegSegLib.batch_workers import _remove_staging
+    from JointRegSegLib.cohort.workers import _remove_staging
     for name in (".sub[1].partial-x1", ".sub1.partial-y2", ".s*.partial-z3", ".sa.partial-w4"):
         (tmp_path / name).mkdir()
     _remove_staging(__import__("argparse").Namespace(out=str(tmp_path / "sub[1]")))
@@ -303,8 +304,9 @@ def _live_in_group(pgid: int) -> list[int]:
 
 
 def test_batch_plans_workers_from_free_cores_memory_and_device(cohort, monkeypatch):
-    from JointRegSegLib import batch, imageio
-    from JointRegSegLib.card import read_card
+    from JointRegSegLib.cohort import batch
+    from JointRegSegLib.io import imageio
+    from JointRegSegLib.models.card import read_card
     folder, write_csv, model = cohort
     card = read_card(model)
     job = (None, batch.argparse.Namespace(moving=str(folder / "images" / "m.nrrd"),
@@ -352,7 +354,7 @@ def _is_worker_of(cmdline: Path, model: Path) -> bool:
         stat = (cmdline.parent / "stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
-    return ("JointRegSegLib.batch_workers" in text and str(model) in text
+    return ("JointRegSegLib.cohort.workers" in text and str(model) in text
             and stat.rsplit(")", 1)[1].split()[0] != "Z")
 
 

@@ -9,7 +9,7 @@ from conftest import TINY_CARD
 from safetensors.torch import save_file
 
 from JointRegSegLib import CheckpointError, load_model, new_model, read_card, save_model
-from JointRegSegLib.checkpoint import CARD_KEY
+from JointRegSegLib.models.checkpoint import CARD_KEY
 
 
 def test_round_trip_keeps_weights_and_card(tmp_path, tiny_model):

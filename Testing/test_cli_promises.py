@@ -18,9 +18,9 @@ from conftest import TINY_CARD, grid_for, phantom_array, sample_on
 from safetensors.torch import save_file
 
 from JointRegSegLib import InputImageError, load_model, read_image
-from JointRegSegLib.checkpoint import CARD_KEY, CheckpointError
+from JointRegSegLib.models.checkpoint import CARD_KEY, CheckpointError
 from JointRegSegLib.cli import main
-from JointRegSegLib.imageio import estimate_run_memory_bytes
+from JointRegSegLib.io.imageio import estimate_run_memory_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,8 +140,8 @@ def test_memory_estimate_refuses_up_front(tmp_path, pair, tiny_checkpoint, capsy
 
 def test_transform_file_does_not_grow_with_the_fixed_image(tmp_path, tiny_model):
     from JointRegSegLib import register_and_segment
-    from JointRegSegLib.geometry import make_grid
-    from JointRegSegLib.outputs import write_result
+    from JointRegSegLib.core.geometry import make_grid
+    from JointRegSegLib.io.outputs import write_result
     fixed = sample_on(make_grid((96, 96, 80), (1.2, 1.2, 1.4), np.eye(3), np.zeros(3)), phantom_array)
     moving = sample_on(grid_for("axis-aligned", center=(2, 1, 0)), phantom_array)
     result = register_and_segment(moving, fixed, tiny_model, affine=True)
@@ -246,7 +246,7 @@ def test_signal_exits_130_and_leaves_nothing(tmp_path, pair, tiny_checkpoint, si
     assert "Traceback" not in err and "cancelled" in err
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or p.name.startswith(".")]
     if out.exists():  # the signal came while files were moving in: then the run is complete, never half
-        from JointRegSegLib.outputs import OUTPUT_FILES
+        from JointRegSegLib.io.outputs import OUTPUT_FILES
         assert {p.name for p in out.iterdir()} >= set(OUTPUT_FILES.values())
 
 
@@ -325,7 +325,7 @@ def test_default_suite_skips_slow_tests_and_ci_runs_them():
 def test_signals_during_the_final_moves_are_delivered_after_them_each_one():
     """SIGINT and SIGTERM arriving while outputs move into place wait for the moves, then each reaches its
     handler, even when the first handler raises; the handlers are put back."""
-    from JointRegSegLib.imageio import _signals_held
+    from JointRegSegLib.io.imageio import _signals_held
     seen = []
 
     def interrupt(number, _frame):
@@ -353,7 +353,7 @@ def test_a_sigterm_during_the_final_moves_leaves_all_outputs_and_no_staging(tmp_
     finish, the staging folder goes, then the process ends."""
     script = ("import os, signal\n"
               "from pathlib import Path\n"
-              "from JointRegSegLib import imageio\n"
+              "from JointRegSegLib.io import imageio\n"
               "real = os.replace\n"
               "def replace(a, b):\n"
               "    real(a, b)\n"

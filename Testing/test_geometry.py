@@ -6,8 +6,8 @@ import SimpleITK as sitk
 from conftest import BRAIN_CARD, GEOMETRIES, grid_for, phantom_array, rotation, sample_on, smooth_field, warp_by
 
 from JointRegSegLib import new_model, register_and_segment
-from JointRegSegLib.geometry import make_grid, physical_center, physical_points
-from JointRegSegLib.outputs import write_result
+from JointRegSegLib.core.geometry import make_grid, physical_center, physical_points
+from JointRegSegLib.io.outputs import write_result
 
 
 def known_mapping(center):

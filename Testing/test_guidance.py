@@ -6,7 +6,7 @@ import SimpleITK as sitk
 from conftest import TINY_CARD, grid_for, phantom_array, phantom_labels, sample_on
 
 from JointRegSegLib import InputImageError, register_and_segment
-from JointRegSegLib.qc import dice_per_label
+from JointRegSegLib.inference.qc import dice_per_label
 
 SHIFT = np.array([5.0, -4.0, 3.0])
 

@@ -9,7 +9,7 @@ from conftest import grid_for, phantom_array, sample_on
 
 from JointRegSegLib import Cancelled, InputImageError, read_image, register_and_segment
 from JointRegSegLib.cli import main
-from JointRegSegLib.outputs import OUTPUT_FILES
+from JointRegSegLib.io.outputs import OUTPUT_FILES
 
 
 def _image(array, spacing=(1.0, 1.0, 1.0)):
@@ -165,7 +165,7 @@ def test_the_command_exits_with_the_status_of_its_work(tmp_path):
 
 
 def test_cli_no_scale_search_keeps_the_network_velocity(tmp_path, pair_files, tiny_model):
-    from JointRegSegLib.checkpoint import save_model
+    from JointRegSegLib.models.checkpoint import save_model
     tiny_model.card["inference"] = {"scales": [2.0, 1.0]}   # an untrained network: every scale ties, 2.0 wins
     checkpoint = save_model(tiny_model, tmp_path / "scaled.safetensors")
     base = ["run", "--moving", str(pair_files[0]), "--fixed", str(pair_files[1]), "--model", str(checkpoint)]

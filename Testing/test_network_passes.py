@@ -4,8 +4,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from JointRegSegLib.errors import CheckpointError
-from JointRegSegLib.pipeline import register_and_segment
+from JointRegSegLib.core.errors import CheckpointError
+from JointRegSegLib.inference.pipeline import register_and_segment
 
 
 def _constant_velocity(model, voxels_zyx):

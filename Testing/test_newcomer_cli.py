@@ -14,9 +14,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import grid_for, phantom_array, sample_on
 
-from JointRegSegLib import InputImageError, read_image, threads
+from JointRegSegLib import InputImageError, read_image
+from JointRegSegLib.core import threads
 from JointRegSegLib.cli import main
-from JointRegSegLib.models import default_model_path
+from JointRegSegLib.models.installed import default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -49,8 +50,8 @@ def one_core_busy(monkeypatch):
         raise AssertionError("the work began before the threads were chosen")
 
     import JointRegSegLib.demo
-    import JointRegSegLib.pipeline
-    monkeypatch.setattr(JointRegSegLib.pipeline, "register_and_segment", not_reached)
+    import JointRegSegLib.inference.pipeline
+    monkeypatch.setattr(JointRegSegLib.inference.pipeline, "register_and_segment", not_reached)
     monkeypatch.setattr(JointRegSegLib.demo, "register_and_segment", not_reached, raising=False)
     return applied
 
@@ -108,8 +109,8 @@ def test_demo_says_how_many_threads_it_took(tmp_path, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise _ThreadsChosen
 
-    import JointRegSegLib.pipeline
-    monkeypatch.setattr(JointRegSegLib.pipeline, "register_and_segment", stop)
+    import JointRegSegLib.inference.pipeline
+    monkeypatch.setattr(JointRegSegLib.inference.pipeline, "register_and_segment", stop)
     from JointRegSegLib import demo
     with pytest.raises(_ThreadsChosen):
         demo.main(["--out", str(tmp_path / "demo")])
@@ -117,10 +118,10 @@ def test_demo_says_how_many_threads_it_took(tmp_path, monkeypatch, capsys):
 
 
 def test_the_slicer_warm_worker_takes_the_same_thread_decision():
-    """The module's warm worker (`python -m JointRegSegLib.worker serve`) chooses its threads as `run` does
+    """The module's warm worker (`python -m JointRegSegLib.slicer.worker serve`) chooses its threads as `run` does
     and says so when it is ready (JOINTREGSEG_THREADS here, so that the answer does not depend on the load)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), threads.ENV_VAR: "1"}
-    done = subprocess.run([sys.executable, "-m", "JointRegSegLib.worker", "serve"], input='{"command": "quit"}\n',
+    done = subprocess.run([sys.executable, "-m", "JointRegSegLib.slicer.worker", "serve"], input='{"command": "quit"}\n',
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     ready = json.loads(done.stdout.splitlines()[0])
     assert ready["event"] == "ready"
@@ -146,7 +147,7 @@ def test_evaluate_without_model_uses_the_default_model(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     with pytest.raises(_ThreadsChosen):   # today: TypeError: 'PosixPath' object is not iterable
         main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "ev")])
-    from JointRegSegLib.card import read_card
+    from JointRegSegLib.models.card import read_card
     default = read_card(default_model_path())
     assert [m.name for m in seen["methods"]] == [default["name"]]
     assert seen["labels"] == default["labels"]
@@ -184,7 +185,7 @@ def test_a_2d_png_is_refused_as_2d_not_as_truncated(tmp_path, pair_files, tiny_c
 def test_readme_states_the_transform_size_that_is_written(tmp_path):
     """ITK writes the composite's displacement field as float64 (SimpleITK offers no float32 or compressed
     transform writing), so transform.h5 is 24 bytes per working-grid voxel: the README says so in MB."""
-    from JointRegSegLib.card import read_card
+    from JointRegSegLib.models.card import read_card
     grid = read_card(default_model_path())["working_grid"]
     field = sitk.Image([int(n) for n in grid["size"]], sitk.sitkVectorFloat64, 3)
     field.SetSpacing([float(s) for s in grid["spacing"]])
@@ -232,7 +233,7 @@ def test_info_into_a_closed_pipe_prints_no_traceback(extra):
 
 
 def test_info_prints_a_readable_summary_and_json_the_whole_card(capsys):
-    from JointRegSegLib.card import read_card
+    from JointRegSegLib.models.card import read_card
     model = default_model_path()
     card = read_card(model)
     card["licence"] = "CC BY 4.0 (weights)"
@@ -249,7 +250,7 @@ def test_info_prints_a_readable_summary_and_json_the_whole_card(capsys):
     headline = next(key for key, value in card["metrics"].items() if isinstance(value, (int, float)))
     assert headline in summary and "--json" in summary
     assert "{" not in summary   # no JSON dumped into the summary
-    from JointRegSegLib.card import summary_lines
+    from JointRegSegLib.models.card import summary_lines
     assert "  licence: CC BY 4.0 (weights)" in summary_lines(card)
     assert main(["info", str(model), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_card(model)
@@ -274,7 +275,7 @@ def test_pyproject_license_is_an_spdx_expression_without_deprecation():
 
 
 def test_saved_models_are_readable_by_others_like_other_outputs(tmp_path, tiny_model):
-    from JointRegSegLib.checkpoint import save_model
+    from JointRegSegLib.models.checkpoint import save_model
     previous = os.umask(0o022)
     try:
         path = save_model(tiny_model, tmp_path / "model.safetensors")   # finetune and train write through it
@@ -304,8 +305,8 @@ def test_sample_data_readme_has_one_table_and_says_what_was_modified():
 
 
 def test_seg_nrrd_segments_carry_slicers_terminology(tmp_path):
-    from JointRegSegLib.card import read_card
-    from JointRegSegLib.outputs import segment_tags, write_slicer_segmentation
+    from JointRegSegLib.models.card import read_card
+    from JointRegSegLib.io.outputs import segment_tags, write_slicer_segmentation
     table = read_card(default_model_path())["labels"]
     coded = [e for e in table if e.get("terminology")]
     assert coded, "the default model's label table has terminology entries"
@@ -334,9 +335,10 @@ def test_seg_nrrd_terminology_is_what_slicer_writes_and_reads(tmp_path):
     import slicer
     from slicer_runtime import boot
 
-    from JointRegSegLib import mrml, outputs
-    from JointRegSegLib.card import read_card
-    from JointRegSegLib.outputs import segment_tags, write_slicer_segmentation
+    from JointRegSegLib.slicer import mrml
+    from JointRegSegLib.io import outputs
+    from JointRegSegLib.models.card import read_card
+    from JointRegSegLib.io.outputs import segment_tags, write_slicer_segmentation
     boot()
     table = read_card(default_model_path())["labels"]
     assert outputs.TERMINOLOGY_CONTEXT == mrml.TERMINOLOGY_CONTEXT      # the module's segments and the files'
@@ -405,7 +407,7 @@ def _t1_like(shape=(60, 72, 60), dtype=np.int16, seed=1) -> np.ndarray:
 
 
 def test_a_label_map_given_as_the_image_is_named():
-    from JointRegSegLib.input_checks import input_warnings
+    from JointRegSegLib.io.input_checks import input_warnings
     aal_values = [2001, 2002, 2101, 2102, 2111, 2112, 2201, 2202, 2211, 2212, 2301, 2302, 2311, 2312, 2321, 2322,
                   2331, 2332, 2401, 2402, 2501, 2502, 2601, 2602, 2611, 2612, 2701, 2702, 3001, 3002, 4001, 4002,
                   4011, 4012, 4021, 4022, 4101, 4102, 4111, 4112, 4201, 4202, 5001, 5002, 5011, 5012, 5021, 5022,
@@ -428,7 +430,7 @@ def test_a_label_map_given_as_the_image_is_named():
 
 
 def test_real_and_t1_like_images_are_not_label_maps():
-    from JointRegSegLib.input_checks import input_warnings, label_map_evidence
+    from JointRegSegLib.io.input_checks import input_warnings, label_map_evidence
     for dtype in (np.int16, np.uint8, np.float32):
         assert label_map_evidence(sitk.GetImageFromArray(_t1_like(dtype=dtype))) is None, dtype
     moving = read_image(SAMPLES / "colin27_t1_brain_2mm.nii.gz")      # uint8, smoothed: 124 values
@@ -443,7 +445,7 @@ def test_real_and_t1_like_images_are_not_label_maps():
 
 
 def test_the_same_image_twice_is_named(tmp_path):
-    from JointRegSegLib.input_checks import input_warnings
+    from JointRegSegLib.io.input_checks import input_warnings
     path = SAMPLES / "itk_subject_t1_brain.nii.gz"
     image = read_image(path)
     said = input_warnings(image, read_image(path), path, path)

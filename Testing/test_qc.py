@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from JointRegSegLib.geometry import make_grid, physical_points
-from JointRegSegLib.qc import dice_per_label, jacobian_stats, label_volumes_ml
+from JointRegSegLib.core.geometry import make_grid, physical_points
+from JointRegSegLib.inference.qc import dice_per_label, jacobian_stats, label_volumes_ml
 from conftest import rotation
 
 
@@ -47,7 +47,7 @@ def test_label_volumes_and_dice():
 def test_implausible_volumes_are_flagged():
     # issue 14, item 6: an 8x8x8 input, a structure bigger than the anatomy, fixed vs moving x10
     import SimpleITK as sitk
-    from JointRegSegLib.qc import volume_flags
+    from JointRegSegLib.inference.qc import volume_flags
     table = [{"value": 0, "name": "bg", "color": [0, 0, 0]}, {"value": 1, "name": "pallidum", "color": [1, 0, 0]},
              {"value": 2, "name": "thalamus", "color": [0, 1, 0], "volume_ml": [4, 12]}]
     tiny = sitk.GetImageFromArray(np.pad(np.ones((6, 6, 6), np.float32), 1))

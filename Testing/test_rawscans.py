@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from JointRegSegLib import selfcheck
+from JointRegSegLib.inference import selfcheck
 from JointRegSegLib.data.head_layers import HEAD_LABEL_BASE, HeadSettings, add_head, random_cut
 from JointRegSegLib.training.partial_labels import partial_label_loss
 
@@ -98,8 +98,8 @@ def test_self_check_flags_disagreement_and_passes_agreement():
 
 @pytest.fixture(scope="module")
 def sample_pair():
-    from JointRegSegLib.imageio import read_image
-    from JointRegSegLib.models import default_model_path
+    from JointRegSegLib.io.imageio import read_image
+    from JointRegSegLib.models.installed import default_model_path
     from pathlib import Path
     samples = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
     return (read_image(samples / "colin27_t1_brain_2mm.nii.gz", "moving"),
@@ -113,7 +113,7 @@ def _shifted(image: sitk.Image, mm) -> sitk.Image:
 
 
 def test_a_failed_registration_is_flagged_and_leaves_the_fixed_segmentation_the_networks_own(sample_pair):
-    from JointRegSegLib.pipeline import register_and_segment
+    from JointRegSegLib.inference.pipeline import register_and_segment
     moving, fixed, model = sample_pair
     good = register_and_segment(moving, fixed, model, device="cpu")
     assert good.qc["registration_status"] == "ok" and good.qc["agreement_mean"] >= good.qc["agreement_threshold"]
@@ -130,9 +130,9 @@ def test_a_failed_registration_is_flagged_and_leaves_the_fixed_segmentation_the_
 
 
 def test_the_rescue_tries_the_other_affine_and_says_so(sample_pair):
-    from JointRegSegLib.pipeline import register_and_segment
+    from JointRegSegLib.inference.pipeline import register_and_segment
     moving, fixed, model = sample_pair
-    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.models.checkpoint import load_model
     strict = load_model(model)
     strict.card["self_check"] = {"threshold": 0.99}   # nothing passes: every rescue is tried, the best kept
     result = register_and_segment(moving, fixed, strict, device="cpu")
@@ -146,7 +146,7 @@ def test_the_rescue_tries_the_other_affine_and_says_so(sample_pair):
 def test_qc_picture_tells_left_from_right_by_hue_and_marks_det_j_below_one():
     import colorsys
     from JointRegSegLib.data.label_table import LABEL_TABLE, WHOLE_BRAIN_TABLE
-    from JointRegSegLib.report import _det_ticks, side_distinct_colours
+    from JointRegSegLib.io.report import _det_ticks, side_distinct_colours
     for table in (LABEL_TABLE, WHOLE_BRAIN_TABLE):
         shown = {e["name"]: e["color"] for e in side_distinct_colours(table)}
         for name, colour in shown.items():
@@ -159,10 +159,10 @@ def test_qc_picture_tells_left_from_right_by_hue_and_marks_det_j_below_one():
 
 
 def test_the_card_licence_is_checked_and_shown(tmp_path):
-    from JointRegSegLib.card import licence_text, validate_card
-    from JointRegSegLib.checkpoint import load_model
-    from JointRegSegLib.errors import CheckpointError
-    from JointRegSegLib.models import default_model_path
+    from JointRegSegLib.models.card import licence_text, validate_card
+    from JointRegSegLib.models.checkpoint import load_model
+    from JointRegSegLib.core.errors import CheckpointError
+    from JointRegSegLib.models.installed import default_model_path
     card = load_model(default_model_path()).card
     assert licence_text(card), "the shipped default model must say under which licence its weights travel"
     broken = dict(card, licence={"note": "no weights entry"})

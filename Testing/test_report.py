@@ -2,7 +2,7 @@
 from conftest import grid_for, phantom_array, sample_on
 
 from JointRegSegLib import register_and_segment
-from JointRegSegLib.report import write_report
+from JointRegSegLib.io.report import write_report
 
 
 def test_report_has_picture_and_table(tmp_path, tiny_model):
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from JointRegSegLib.report import DPI, build_figure, display_plane, display_slice  # noqa: E402
+from JointRegSegLib.io.report import DPI, build_figure, display_plane, display_slice  # noqa: E402
 
 
 def _marked_head(grid):

@@ -3,8 +3,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from JointRegSegLib.geometry import make_grid, resample_in_slabs
-from JointRegSegLib.fullres_labels import labels_on
+from JointRegSegLib.core.geometry import make_grid, resample_in_slabs
+from JointRegSegLib.inference.fullres_labels import labels_on
 
 from conftest import rotation
 
@@ -49,7 +49,7 @@ def test_smooth_probabilities_through_a_rotation_match_itk_resampling_and_a_warp
     """Where classes meet gradually (smooth random logits, many borders), the cells whose corners agree take
     their label directly and the rest are interpolated: the labels equal ITK's linear resampling + argmax.
     A displacement-field transform is not affine: the whole box is then resampled by ITK."""
-    from JointRegSegLib.fullres_labels import affine_index_map
+    from JointRegSegLib.inference.fullres_labels import affine_index_map
     generator = torch.Generator().manual_seed(3)
     grid = make_grid((30, 36, 28), (2.0, 2.0, 2.0), rotation((0.0, 0.0, 90.0)), np.array([-5.0, 4.0, 2.0]))
     logits = torch.nn.functional.avg_pool3d(torch.randn(1, 5, 28, 36, 30, generator=generator), 5, 1, 2) * 12

@@ -20,7 +20,7 @@ except ImportError as err:   # a failure, not a skip: `pip install -e .[test]` i
 from slicer_runtime import MODULE_FILE, UI_FILE, boot, import_module_file  # noqa: E402
 
 from JointRegSegLib import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
-from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
+from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def module(monkeypatch, ctx):
 @pytest.fixture(scope="module", autouse=True)
 def _stop_workers():
     yield
-    from JointRegSegLib.worker import stop_shared_workers
+    from JointRegSegLib.slicer.worker import stop_shared_workers
     stop_shared_workers()
 
 
@@ -168,7 +168,7 @@ def test_a_failing_run_reports_the_workers_error_and_changes_nothing(module, ctx
 def test_a_failure_while_importing_results_removes_what_was_added(ctx, pair_nodes, tiny_checkpoint, tmp_path,
                                                                   monkeypatch):
     from JointRegSegLib.cli import main
-    from JointRegSegLib.mrml import export_volume, load_results
+    from JointRegSegLib.slicer.mrml import export_volume, load_results
     moving, fixed = pair_nodes
     export_volume(moving, tmp_path / "m.nrrd"), export_volume(fixed, tmp_path / "f.nrrd")
     assert main(["run", "--moving", str(tmp_path / "m.nrrd"), "--fixed", str(tmp_path / "f.nrrd"), "--model",
@@ -179,7 +179,7 @@ def test_a_failure_while_importing_results_removes_what_was_added(ctx, pair_node
         load_results(ctx.scene, tmp_path / "out", moving, fixed)
     assert node_ids(ctx.scene) == before
     # a failure after some nodes were added (fault injected into the second segmentation): all removed
-    import JointRegSegLib.mrml as mrml
+    import JointRegSegLib.slicer.mrml as mrml
     out = tmp_path / "out"
     sitk.WriteImage(sitk.ReadImage(str(out / "fixed_segmentation.nii.gz")), str(out / "moving_segmentation.nii.gz"))
     fill = mrml._fill_segmentation
@@ -246,7 +246,7 @@ def test_a_broken_checkpoint_is_named_and_changes_nothing(module, ctx, pair_node
 def test_four_slices_are_enough(ctx):
     """3 slices fail in the engine's affine pyramid (ITK needs 4 voxels per axis); 4 run (measured with the
     CLI on the sample brain: 4 slices at 3, 1 and 0.5 mm all succeed)."""
-    from JointRegSegLib.mrml import MIN_SLICES, check_volume_node
+    from JointRegSegLib.slicer.mrml import MIN_SLICES, check_volume_node
     assert MIN_SLICES == 4
     check_volume_node(_volume_with_dims((40, 40, 4)), "moving")        # does not raise
 
@@ -255,7 +255,7 @@ def test_model_description_and_qc_text(module, tiny_checkpoint):
     text = module.JointRegSegLogic.describeModel(tiny_checkpoint)
     assert "tiny-test-model" in text and "core, shell" in text
     assert "reports no validation figures" in text
-    from JointRegSegLib.models import default_model_path
+    from JointRegSegLib.models.installed import default_model_path
     from JointRegSegLib import read_card
     embedded = module.JointRegSegLogic.describeModel(default_model_path())
     metrics = read_card(default_model_path())["metrics"]
@@ -342,7 +342,7 @@ def test_output_transform_selector_offers_general_and_grid_transforms_only(ctx, 
     types_ = [s.text for p in selector.iter("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
     assert types_ == ["vtkMRMLTransformNode", "vtkMRMLGridTransformNode"]      # no linear or B-spline nodes
     assert any(p.get("name") == "showChildNodeTypes" and p.find("bool").text == "false" for p in selector.iter("property"))
-    from JointRegSegLib.mrml import check_outputs
+    from JointRegSegLib.slicer.mrml import check_outputs
     linear = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "rigid")
     with pytest.raises(JointRegSegError, match="displacement field"):
         check_outputs({"transform": linear})
@@ -353,7 +353,7 @@ def test_output_transform_selector_offers_general_and_grid_transforms_only(ctx, 
 
 
 def test_a_corrected_case_round_trips_through_the_training_folder(ctx, pair_nodes, tmp_path):
-    from JointRegSegLib.mrml import save_training_case
+    from JointRegSegLib.slicer.mrml import save_training_case
     from JointRegSegLib.training.finetune import list_cases
     _, fixed = pair_nodes
     truth = sample_on(grid_for("axis-aligned"), phantom_labels_shifted)

@@ -20,9 +20,9 @@ import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
 from slicer_runtime import MODULE_FILE, boot, import_module_file, make_widget, release_widgets  # noqa: E402
 
 from JointRegSegLib import InputImageError, read_card  # noqa: E402
-from JointRegSegLib.card import licence_text  # noqa: E402
-from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
-from JointRegSegLib.models import default_model_path, installed_models  # noqa: E402
+from JointRegSegLib.models.card import licence_text  # noqa: E402
+from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
+from JointRegSegLib.models.installed import default_model_path, installed_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def module(monkeypatch, ctx):
 @pytest.fixture(scope="module", autouse=True)
 def _stop_workers():
     yield
-    from JointRegSegLib.worker import stop_shared_workers
+    from JointRegSegLib.slicer.worker import stop_shared_workers
     stop_shared_workers()
 
 
@@ -153,7 +153,7 @@ for line in sys.stdin:
 
 
 def test_an_idle_engine_is_ended_and_a_busy_one_is_not(tmp_path):
-    from JointRegSegLib.worker import WarmWorker
+    from JointRegSegLib.slicer.worker import WarmWorker
     engine = tmp_path / "engine"
     engine.write_text(READY_ONLY.format(python=sys.executable), encoding="utf-8")
     engine.chmod(0o755)
@@ -193,7 +193,7 @@ def test_the_panel_ends_an_idle_engine_and_frees_it_on_request(module, ctx, monk
 
 
 def test_gpu_cache_is_released_after_a_gpu_run():
-    from JointRegSegLib import worker as worker_module
+    from JointRegSegLib.slicer import worker as worker_module
     calls = []
 
     def fake_torch(available, initialized):
@@ -320,7 +320,7 @@ def test_restrictive_model_licences_are_named_in_the_readme():
 
 def test_work_folders_are_in_slicers_temporary_folder_and_a_crashed_sessions_are_removed(ctx, monkeypatch, tmp_path,
                                                                                           tiny_checkpoint):
-    from JointRegSegLib import mrml
+    from JointRegSegLib.slicer import mrml
     slicer_temp = tmp_path / "Slicer temp"
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(slicer_temp)), raising=False)
     dead = subprocess_pid_that_ended()

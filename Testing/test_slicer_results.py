@@ -13,9 +13,9 @@ from conftest import grid_for, phantom_array, phantom_labels, sample_on, smooth_
 import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
 from slicer_runtime import boot, import_module_file  # noqa: E402
 
-from JointRegSegLib.geometry import physical_points  # noqa: E402
-from JointRegSegLib.mrml import ijk_to_ras, load_results  # noqa: E402
-from JointRegSegLib.outputs import OUTPUT_FILES  # noqa: E402
+from JointRegSegLib.core.geometry import physical_points  # noqa: E402
+from JointRegSegLib.slicer.mrml import ijk_to_ras, load_results  # noqa: E402
+from JointRegSegLib.io.outputs import OUTPUT_FILES  # noqa: E402
 
 F = np.diag([-1.0, -1.0, 1.0])
 LABELS = [{"value": 0, "name": "background", "color": [0, 0, 0]},
@@ -167,7 +167,7 @@ def test_brain_masks_become_segmentations_when_the_engine_gives_them(ctx, pair, 
 
 def test_the_worker_writes_the_results_brain_masks(tmp_path):
     from types import SimpleNamespace
-    from JointRegSegLib.worker import _write_brain_masks
+    from JointRegSegLib.slicer.worker import _write_brain_masks
     mask = sitk.Image([4, 4, 4], sitk.sitkUInt8) + 1
     _write_brain_masks(SimpleNamespace(fixed_brain_mask=mask, moving_brain_mask=None), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed_brain_mask.nii.gz"]

@@ -87,8 +87,8 @@ def test_the_shipped_file_is_the_one_the_label_tables_give():
 
 
 def test_every_structure_resolves_in_the_extensions_terminology():
-    from JointRegSegLib.mrml import BRAIN_MASK_ENTRY, TERMINOLOGY_CONTEXT, label_terminology, terminology_entry
-    from JointRegSegLib.models import EMBEDDED_MODELS, installed_models
+    from JointRegSegLib.slicer.mrml import BRAIN_MASK_ENTRY, TERMINOLOGY_CONTEXT, label_terminology, terminology_entry
+    from JointRegSegLib.models.installed import EMBEDDED_MODELS, installed_models
     from JointRegSegLib import read_card
     logic = slicer.vtkSlicerTerminologiesModuleLogic()
     assert logic.LoadTerminologyFromFile(str(TERM_FILE)) == CONTEXT == TERMINOLOGY_CONTEXT

@@ -18,7 +18,7 @@ import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
 from slicer_runtime import boot, import_module_file, make_widget, release_widgets  # noqa: E402
 
 from JointRegSegLib import InputImageError, JointRegSegError  # noqa: E402
-from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
+from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def module(monkeypatch, ctx):
 @pytest.fixture(scope="module", autouse=True)
 def _stop_workers():
     yield
-    from JointRegSegLib.worker import stop_shared_workers
+    from JointRegSegLib.slicer.worker import stop_shared_workers
     stop_shared_workers()
 
 
@@ -103,7 +103,7 @@ BRAIN_LABELS = [{"value": 0, "name": "background", "color": [0, 0, 0]},
 
 
 def test_terminology_from_the_card_or_by_name(ctx):
-    from JointRegSegLib.mrml import label_terminology, terminology_entry
+    from JointRegSegLib.slicer.mrml import label_terminology, terminology_entry
     assert label_terminology(BRAIN_LABELS[3])["modifier"] == ("SCT", "7771000", "Left")
     assert label_terminology(BRAIN_LABELS[1])["type"] == ("SCT", "11000004", "Caudate nucleus")
     assert label_terminology(BRAIN_LABELS[2])["type"] == ("SCT", "14738005", "Globus pallidus")
@@ -118,7 +118,7 @@ def test_terminology_from_the_card_or_by_name(ctx):
     assert entry.GetTypeModifierObject().GetCodeValue() == "7771000"
     # every structure of the embedded model has a specific SNOMED CT code (none falls back to "Tissue")
     from JointRegSegLib import read_card
-    from JointRegSegLib.models import EMBEDDED_MODELS, default_model_path
+    from JointRegSegLib.models.installed import EMBEDDED_MODELS, default_model_path
     default_labels = [e for e in read_card(default_model_path())["labels"] if e["value"]]
     assert all(tuple(label_terminology(e)["type"]) == tuple(e["terminology"]["type"]) for e in default_labels)
     sided = [e for e in default_labels if e["name"].startswith(("left ", "right "))]
@@ -133,7 +133,7 @@ def test_terminology_from_the_card_or_by_name(ctx):
 
 
 def test_guide_segments_match_by_terminology_case_or_synonym(ctx):
-    from JointRegSegLib.mrml import match_segments_to_labels, terminology_entry
+    from JointRegSegLib.slicer.mrml import match_segments_to_labels, terminology_entry
     volume = add_volume(sample_on(grid_for("axis-aligned"), phantom_array), "image")
     array = sitk.GetArrayFromImage(sample_on(grid_for("axis-aligned"), phantom_labels))
     node = segmentation_of(ctx, volume, array, {1: "Caudate nucleus", 2: "GLOBUS  Pallidus"})
@@ -270,7 +270,7 @@ def test_cancel_scene_close_and_cleanup_never_wait_for_the_engine(module, ctx, t
                                                                    monkeypatch):
     """Issue 24, item 1: the GUI thread sends the cancel and returns at once (< 0.2 s) even when the engine
     does not answer; the stop timer kills the process tree after the grace period."""
-    from JointRegSegLib.worker import WarmWorker
+    from JointRegSegLib.slicer.worker import WarmWorker
     engine = tmp_path / "fake-engine"
     engine.write_text(FAKE_ENGINE.format(python=sys.executable), encoding="utf-8")
     engine.chmod(0o755)
@@ -421,7 +421,7 @@ def test_progress_words_are_for_users(module):
     # every stage the engine reports has words written for users
     import re
     from pathlib import Path
-    import JointRegSegLib.pipeline as pipeline
+    import JointRegSegLib.inference.pipeline as pipeline
     stages = set(re.findall(r'reporter\.stage\("([^"]+)"\)', Path(pipeline.__file__).read_text(encoding="utf-8")))
     assert "velocity scale" in stages and not stages - set(module.STAGE_WORDS)
 
@@ -519,7 +519,7 @@ print(logic.trainingCases({str(tmp_path)!r}), "torch" in sys.modules)
 
 
 def test_case_listing_matches_the_finetuning_command(tmp_path):
-    from JointRegSegLib.mrml import CASE_SUFFIXES, LABEL_SUFFIX, list_training_cases
+    from JointRegSegLib.slicer.mrml import CASE_SUFFIXES, LABEL_SUFFIX, list_training_cases
     from JointRegSegLib.training import finetune
     assert LABEL_SUFFIX == finetune.LABEL_SUFFIX and set(CASE_SUFFIXES) == set(finetune.IMAGE_SUFFIXES)
     for name in ("a.nrrd", "a_labels.nrrd", "a.seg.nrrd", "b.nii.gz", "c.mha", "c_labels.mha", "notes.txt"):
@@ -664,7 +664,7 @@ def test_a_failed_or_offline_install_says_so_plainly(module, monkeypatch, tmp_pa
 # --- the child process ---------------------------------------------------------------------------------
 
 def test_worker_processes_start_without_a_console_window(monkeypatch):
-    from JointRegSegLib import worker
+    from JointRegSegLib.slicer import worker
     assert worker.popen_options() == {"start_new_session": True}
     for name, value in (("STARTF_USESHOWWINDOW", 1), ("SW_HIDE", 0), ("CREATE_NO_WINDOW", 0x08000000),
                         ("CREATE_NEW_PROCESS_GROUP", 0x200)):

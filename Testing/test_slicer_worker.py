@@ -14,8 +14,8 @@ import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
 from slicer_runtime import boot, import_module_file  # noqa: E402
 
 from JointRegSegLib import Cancelled, JointRegSegError  # noqa: E402
-from JointRegSegLib.mrml import ijk_to_ras  # noqa: E402
-from JointRegSegLib.worker import WarmWorker  # noqa: E402
+from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
+from JointRegSegLib.slicer.worker import WarmWorker  # noqa: E402
 
 
 @pytest.fixture

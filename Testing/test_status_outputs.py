@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from JointRegSegLib import batch, cli, outputs, report
-from JointRegSegLib.outputs import OUTPUT_FILES, write_result
-from JointRegSegLib.pipeline import Result
-from JointRegSegLib.report import write_report
+from JointRegSegLib.cohort import batch
+from JointRegSegLib import cli
+from JointRegSegLib.io import outputs, report
+from JointRegSegLib.io.outputs import OUTPUT_FILES, write_result
+from JointRegSegLib.inference.pipeline import Result
+from JointRegSegLib.io.report import write_report
 
 # the masks' file names (outputs.MASK_FILES, spelled out so that each test fails on its own without them)
 MASK_FILES = {"fixed_brain_mask": "fixed_brain_mask.nii.gz", "moving_brain_mask": "moving_brain_mask.nii.gz"}
@@ -152,7 +154,7 @@ def test_run_prints_no_warning_for_a_good_or_an_unchecked_registration():
 
 
 def test_cli_run_exits_0_and_warns_when_the_check_fails(tmp_path, tiny_checkpoint, monkeypatch, capsys):
-    from JointRegSegLib import pipeline
+    from JointRegSegLib.inference import pipeline
     image = _result().warped
     for name in ("moving", "fixed"):
         sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
@@ -209,8 +211,8 @@ OLD_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "folding_p
 
 def test_summary_appends_status_and_agreement_columns(tmp_path):
     assert batch.SUMMARY_FIELDS == OLD_FIELDS + ["registration_status", "agreement_mean"]
-    rows = [{"name": "bad", "status": "done", "seconds": 1.0, "out": "o/bad", **batch._qc_fields(_result(CHECK_QC).qc)},
-            {"name": "old", "status": "done", "seconds": 1.0, "out": "o/old", **batch._qc_fields(_result().qc)},
+    rows = [{"name": "bad", "status": "done", "seconds": 1.0, "out": "o/bad", **batch.qc_fields(_result(CHECK_QC).qc)},
+            {"name": "old", "status": "done", "seconds": 1.0, "out": "o/old", **batch.qc_fields(_result().qc)},
             {"name": "broken", "status": "failed", "error": "cannot read", "seconds": 0.1}]
     path = tmp_path / "summary.csv"
     batch.write_summary(path, rows)
@@ -231,7 +233,7 @@ def test_resume_knows_complete_pairs_with_masks_and_redoes_a_missing_mask(tmp_pa
     write_result(_result(CHECK_QC), out, extra_qc={"batch": wanted})
     state, qc = batch.previous_outputs(out, wanted)
     assert state == "complete"
-    skipped = batch._qc_fields(qc)   # a skipped pair's row is filled from its qc.json
+    skipped = batch.qc_fields(qc)   # a skipped pair's row is filled from its qc.json
     assert skipped["registration_status"] == "check" and skipped["agreement_mean"] == 0.4123
     (out / MASK_FILES["moving_brain_mask"]).unlink()
     assert batch.previous_outputs(out, wanted) == ("partial", None)   # recomputed, not "other"

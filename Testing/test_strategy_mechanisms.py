@@ -440,7 +440,7 @@ def rotation_about_axis0(degrees, translation):
 
 
 def test_uresnet_composes_affine_after_elastic_where_orders_differ():
-    from JointRegSegLib.networks import UReSNet
+    from JointRegSegLib.models.networks import UReSNet
     net = UReSNet({"name": "uresnet", "channels": [4, 8], "integration_steps": 4}, num_classes=3)
     shape = (12, 14, 10)
     elastic = torch.zeros(1, 3, *shape)
@@ -464,7 +464,7 @@ def test_uresnet_pipeline_returns_the_trained_transform_in_mm():
     """register_and_segment with a U-ReSNet model returns x -> A(x + u(x)) at every interior voxel of the
     working grid, in mm: no pooling of the field, this order of composition, this axis convention."""
     from JointRegSegLib import new_model, register_and_segment
-    from JointRegSegLib.geometry import make_grid
+    from JointRegSegLib.core.geometry import make_grid
     size = 24
     card = {"name": "tiny-uresnet", "description": "untrained, for tests only",
             "architecture": {"name": "uresnet", "channels": [4, 8], "integration_steps": 4,
@@ -501,7 +501,7 @@ def test_uresnet_pipeline_returns_the_trained_transform_in_mm():
 
 # --- U-ReSNet: every term with its weight ------------------------------------------------------------
 def test_uresnet_terms_enter_the_loss_with_their_weights():
-    from JointRegSegLib.networks import UReSNet
+    from JointRegSegLib.models.networks import UReSNet
     torch.manual_seed(0)
     net = UReSNet({"name": "uresnet", "channels": [4, 8], "integration_steps": 4}, num_classes=3)
     with torch.no_grad():

@@ -6,11 +6,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from JointRegSegLib.affine_torch import fit_affine, prealign, warp_with_theta
+from JointRegSegLib.inference.affine_torch import fit_affine, prealign, warp_with_theta
 from JointRegSegLib.data.atlas_sources import SynthSource, intensity_clusters
 from JointRegSegLib.data.generator import BrainSynthesizer, SynthesisSettings, random_velocity_ddf, render
-from JointRegSegLib.geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
-from JointRegSegLib.segfusion import joint_probabilities
+from JointRegSegLib.core.geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
+from JointRegSegLib.inference.segfusion import joint_probabilities
 
 from conftest import phantom_array, rotation
 
@@ -18,7 +18,7 @@ from conftest import phantom_array, rotation
 def _phantom_source(shape=(40, 48, 40)) -> SynthSource:
     """Nested ellipsoids with blobs: generation labels 1..4, target labels 1..2, and an image."""
     grid = make_grid(shape[::-1], (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
-    from JointRegSegLib.geometry import physical_points
+    from JointRegSegLib.core.geometry import physical_points
     points = physical_points(grid)
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
     radius = np.sqrt((x / 34) ** 2 + (y / 40) ** 2 + (z / 32) ** 2)
@@ -120,7 +120,7 @@ def test_torch_prealign_recovers_physical_affine_between_oblique_grids():
     matrix, offset = np.array(inverse.GetMatrix()).reshape(3, 3), np.array(inverse.GetTranslation())
     moving = sample_on(moving_grid, phantom_array, lambda p: p @ matrix.T + offset)   # moving(y) = phantom(T^-1 y)
     found = prealign(moving, fixed, card)
-    from JointRegSegLib.geometry import physical_points
+    from JointRegSegLib.core.geometry import physical_points
     points = physical_points(fixed_grid).reshape(-1, 3)[::97]
     inside = np.linalg.norm(points / np.array([42, 48, 38]), axis=1) < 0.9
     error = [np.linalg.norm(np.array(found.TransformPoint(p)) - np.array(truth.TransformPoint(p)))
@@ -134,7 +134,7 @@ class _ShiftNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         from monai.networks.blocks import Warp
-        from JointRegSegLib.networks import VelocityIntegrator
+        from JointRegSegLib.models.networks import VelocityIntegrator
         self.integrator = VelocityIntegrator(7, 2)
         self.warp = Warp(mode="bilinear", padding_mode="border")
 
@@ -195,7 +195,7 @@ def test_same_anatomy_samples_differ_only_by_an_affine():
 
 def test_mirror_permutation_pairs_left_and_right_structures():
     from JointRegSegLib.data.label_table import LABEL_TABLE
-    from JointRegSegLib.segfusion import lateral_axis, mirror_permutation
+    from JointRegSegLib.inference.segfusion import lateral_axis, mirror_permutation
     permutation = mirror_permutation(LABEL_TABLE)
     names = {e["value"]: e["name"] for e in LABEL_TABLE}
     assert permutation[0] == 0
@@ -210,10 +210,10 @@ def test_mirror_permutation_pairs_left_and_right_structures():
 def test_mirror_averaged_segmentation_of_a_symmetric_image_is_left_right_consistent():
     """A network that favours one side (as a trained one may) gives, mirror-averaged, the same structure
     on both sides of a mirror-symmetric image, labelled left on the left and right on the right."""
-    from JointRegSegLib.segfusion import segment_probabilities
+    from JointRegSegLib.inference.segfusion import segment_probabilities
     table = [{"value": 0, "name": "background"}, {"value": 1, "name": "left blob"},
              {"value": 2, "name": "right blob"}]
-    from JointRegSegLib.segfusion import mirror_permutation
+    from JointRegSegLib.inference.segfusion import mirror_permutation
 
     class Biased(torch.nn.Module):
         def segment(self, image):
@@ -241,7 +241,7 @@ def test_heldout_dataset_never_trains_on_its_validation_anatomy(tmp_path, monkey
     alternate between the sources that carry label maps, validation subjects are all the held-out anatomy,
     and each written label map lies inside its image's brain."""
     from JointRegSegLib.data import atlas_sources, build_heldout
-    from JointRegSegLib.geometry import physical_points
+    from JointRegSegLib.core.geometry import physical_points
     from JointRegSegLib.training.dataset import load_fewshot
     from JointRegSegLib.training.evaluate import validation_note
 
@@ -284,7 +284,7 @@ def test_affine_training_target_maps_one_synthetic_subject_onto_another():
     """The learned affine's training target (`true_theta`): two affinely moved copies of one anatomy, the
     moving one warped by it, match the fixed one far better than before, and its mm error metric is 0 for
     itself and the shift size for a pure shift."""
-    from JointRegSegLib.affine_torch import warp_with_theta
+    from JointRegSegLib.inference.affine_torch import warp_with_theta
     from JointRegSegLib.training.affine_train import affine_error_mm, true_theta
     synthesizer = BrainSynthesizer([_phantom_source()], _quiet_settings(real_image_probability=1.0))
     rng = np.random.default_rng(5)
@@ -305,7 +305,7 @@ def test_affine_training_target_maps_one_synthetic_subject_onto_another():
 def test_keypoint_affine_is_identity_for_one_image_and_trainable():
     """The learned affine's keypoint head: the same image twice gives the identity (keypoints match
     themselves), and its output depends differentiably on its heat-map network."""
-    from JointRegSegLib.networks import KeypointAffine
+    from JointRegSegLib.models.networks import KeypointAffine
     torch.manual_seed(0)
     head = KeypointAffine({"pool": 2, "keypoints": 8, "channels": [4, 8], "strides": [2]})
     source = _phantom_source((24, 32, 24))
@@ -322,7 +322,7 @@ def test_untrained_keypoint_affine_spreads_its_keypoints():
     """An untrained keypoint head must place its keypoints across the image with usable weights: with
     the heat maps' softmax at the logits' raw scale every keypoint sat at the centre, the fit was
     degenerate, and training never left its initial error."""
-    from JointRegSegLib.networks import KeypointAffine
+    from JointRegSegLib.models.networks import KeypointAffine
     torch.manual_seed(0)
     head = KeypointAffine({"pool": 2, "keypoints": 16, "channels": [4, 8], "strides": [2]})
     image = torch.rand(1, 1, 32, 40, 32)
@@ -337,9 +337,9 @@ def test_shipped_learned_affine_recovers_a_known_rigid_motion():
     alone lands within a few mm, and with the card's short MI polish (what a run uses) within 1 mm."""
     import copy
     from pathlib import Path
-    from JointRegSegLib.checkpoint import load_model
-    from JointRegSegLib.geometry import physical_points
-    from JointRegSegLib.models import default_model_path
+    from JointRegSegLib.models.checkpoint import load_model
+    from JointRegSegLib.core.geometry import physical_points
+    from JointRegSegLib.models.installed import default_model_path
     model = load_model(default_model_path())
     assert model.card["prealignment"]["kind"] == "learned"
     fixed = sitk.ReadImage(str(Path(__file__).resolve().parent.parent / "Resources" / "SampleData" /
@@ -369,8 +369,8 @@ def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
     import json
     from conftest import TINY_CARD, sample_on
     from JointRegSegLib import new_model, save_model
-    from JointRegSegLib.affine_torch import prealign
-    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.inference.affine_torch import prealign
+    from JointRegSegLib.models.checkpoint import load_model
     from JointRegSegLib.training.affine_train import train_affine
     card = {**TINY_CARD, "working_grid": {"size": [40, 48, 40], "spacing": [2.0, 2.0, 2.0],
                                           "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}}
@@ -433,7 +433,7 @@ def test_synthetic_training_trains_the_inference_cascade(tmp_path):
     """`train_passes` 2 trains the two-pass cascade inference runs (other weights than one pass from the
     same seed and pairs); 0 passes is refused by name."""
     import pytest
-    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.models.checkpoint import load_model
     from JointRegSegLib.training.synth_train import train_synth
     data = _phantom_sources_dir(tmp_path / "data")
     weights = {}

@@ -10,7 +10,7 @@ from conftest import TINY_CARD, phantom_array, phantom_labels, sample_on
 
 from JointRegSegLib import Cancelled, load_model
 from JointRegSegLib.data.synth import appearance, random_deformation, synthesize
-from JointRegSegLib.geometry import jacobian_determinant, make_grid
+from JointRegSegLib.core.geometry import jacobian_determinant, make_grid
 from JointRegSegLib.training.train import train
 
 GRID = {"size": [32, 32, 32], "spacing": [3.0, 3.0, 3.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
@@ -169,7 +169,7 @@ def _write_case(folder, name, image, labels=None):
 
 
 def test_finetune_records_its_parent_and_improves_dice_on_the_training_case(tmp_path, tiny_checkpoint):
-    from JointRegSegLib.geometry import make_grid as grid_of
+    from JointRegSegLib.core.geometry import make_grid as grid_of
     from JointRegSegLib.training.finetune import finetune
     rng = np.random.default_rng(3)
     grid = grid_of((40, 40, 40), (3.0, 3.0, 3.0), np.eye(3), np.zeros(3))
@@ -196,7 +196,7 @@ def test_finetune_records_its_parent_and_improves_dice_on_the_training_case(tmp_
 
 
 def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
-    from JointRegSegLib.errors import JointRegSegError
+    from JointRegSegLib.core.errors import JointRegSegError
     from JointRegSegLib.training.finetune import finetune
     grid = make_grid((16, 16, 16), (3.0, 3.0, 3.0), np.eye(3), np.zeros(3))
     image = sample_on(grid, phantom_array)

@@ -3,7 +3,7 @@ returns exactly the trained transform, and the network stays under the paper's 4
 import numpy as np
 import torch
 
-from JointRegSegLib.networks import UReSNet
+from JointRegSegLib.models.networks import UReSNet
 from JointRegSegLib.training.cli import _architecture
 
 ARCH = {"name": "uresnet", "channels": [8, 16], "integration_steps": 7, "velocity_downsample": 2}

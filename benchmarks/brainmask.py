@@ -24,9 +24,9 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from JointRegSegLib.checkpoint import load_model  # noqa: E402
+from JointRegSegLib.models.checkpoint import load_model  # noqa: E402
 from JointRegSegLib.data import atlas_sources  # noqa: E402
-from JointRegSegLib.pipeline import register_and_segment  # noqa: E402
+from JointRegSegLib.inference.pipeline import register_and_segment  # noqa: E402
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.85)
 

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from JointRegSegLib.models import default_model_path  # noqa: E402
+from JointRegSegLib.models.installed import default_model_path  # noqa: E402
 from JointRegSegLib.training.finetune import finetune  # noqa: E402
 
 

@@ -37,8 +37,8 @@ from JointRegSegLib.data import atlas_sources  # noqa: E402
 from JointRegSegLib.data.label_table import LABEL_TABLE  # noqa: E402
 from JointRegSegLib.evaluation.evaluate import environment_lines, evaluate, read_pairs, write_evaluation  # noqa: E402
 from JointRegSegLib.evaluation.methods import AffineOnly, ExternalMethod, Identity, JointRegSegMethod  # noqa: E402
-from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
-from JointRegSegLib.progress import stderr_progress  # noqa: E402
+from JointRegSegLib.core.geometry import center_of_mass, make_grid  # noqa: E402
+from JointRegSegLib.core.progress import stderr_progress  # noqa: E402
 
 
 def _rotation(deg):
@@ -171,7 +171,7 @@ def use_threads(count: int) -> str:
     threads = str(count)
     os.environ.update({"OMP_NUM_THREADS": threads, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": threads,
                        "MKL_NUM_THREADS": threads})
-    from JointRegSegLib.threads import apply_threads
+    from JointRegSegLib.core.threads import apply_threads
     apply_threads(count)
     return threads
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(HERE))
 
 from JointRegSegLib.data import atlas_sources  # noqa: E402
 from JointRegSegLib.data.label_table import LABEL_TABLE  # noqa: E402
-from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
-from JointRegSegLib.qc import dice_per_label  # noqa: E402
+from JointRegSegLib.core.geometry import center_of_mass, make_grid  # noqa: E402
+from JointRegSegLib.inference.qc import dice_per_label  # noqa: E402
 
 
 def variants(model) -> dict:
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     from heldout import build_pairs
     from rigid_motion import mapping_error_mm, rigid_motion
-    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.models.checkpoint import load_model
     from JointRegSegLib.evaluation.evaluate import read_pairs
-    from JointRegSegLib.imageio import read_image
-    from JointRegSegLib.pipeline import register_and_segment
+    from JointRegSegLib.io.imageio import read_image
+    from JointRegSegLib.inference.pipeline import register_and_segment
 
     model = load_model(args.model)
     kinds = variants(model)

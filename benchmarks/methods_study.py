@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         trained_s = time.perf_counter() - began
         rows = _read_rows(evaluate_one(model, pairs_csv, 0 if seed == "init" else args.refine,
                                        evaluations / f"{method}_{seed}.csv"))
-        from JointRegSegLib.card import read_card
+        from JointRegSegLib.models.card import read_card
         card = read_card(model)
         training = {"seconds": card.get("training", {}).get("seconds_this_run", trained_s),
                     "steps": sum(card.get("training", {}).get("config", {}).get("steps", {}).values())}

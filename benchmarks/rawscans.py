@@ -41,8 +41,8 @@ from JointRegSegLib.data import atlas_sources  # noqa: E402
 from JointRegSegLib.data.label_table import LABEL_TABLE  # noqa: E402
 from JointRegSegLib.evaluation.evaluate import environment_lines, evaluate, read_pairs  # noqa: E402
 from JointRegSegLib.evaluation.methods import ExternalMethod, JointRegSegMethod  # noqa: E402
-from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
-from JointRegSegLib.progress import stderr_progress  # noqa: E402
+from JointRegSegLib.core.geometry import center_of_mass, make_grid  # noqa: E402
+from JointRegSegLib.core.progress import stderr_progress  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from heldout import _rotation, _template, use_threads  # noqa: E402
@@ -169,7 +169,7 @@ class Recording(JointRegSegMethod):
 
     def run(self, moving, fixed):
         from JointRegSegLib.evaluation.methods import Outcome, PeakMemory
-        from JointRegSegLib.pipeline import register_and_segment
+        from JointRegSegLib.inference.pipeline import register_and_segment
         with PeakMemory() as memory:
             result = register_and_segment(moving, fixed, self.model, device=self.device,
                                           refine_iterations=self.refine_iterations, **self.options)

@@ -26,9 +26,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from JointRegSegLib.data import atlas_sources  # noqa: E402
-from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
-from JointRegSegLib.models import default_model_path  # noqa: E402
-from JointRegSegLib.pipeline import register_and_segment  # noqa: E402
+from JointRegSegLib.core.geometry import center_of_mass, make_grid  # noqa: E402
+from JointRegSegLib.models.installed import default_model_path  # noqa: E402
+from JointRegSegLib.inference.pipeline import register_and_segment  # noqa: E402
 
 
 def rigid_motion(rng: np.random.Generator, center, degrees: float, shift_mm: float) -> sitk.Euler3DTransform:

@@ -32,9 +32,9 @@ from JointRegSegLib.data.synth import synthesize  # noqa: E402
 from JointRegSegLib.evaluation.evaluate import (environment_lines, evaluate, read_pairs,  # noqa: E402
                                                 write_evaluation)
 from JointRegSegLib.evaluation.methods import AffineOnly, ExternalMethod, Identity, JointRegSegMethod  # noqa: E402
-from JointRegSegLib.geometry import center_of_mass, make_grid  # noqa: E402
-from JointRegSegLib.models import default_model_path  # noqa: E402
-from JointRegSegLib.progress import stderr_progress  # noqa: E402
+from JointRegSegLib.core.geometry import center_of_mass, make_grid  # noqa: E402
+from JointRegSegLib.models.installed import default_model_path  # noqa: E402
+from JointRegSegLib.core.progress import stderr_progress  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from heldout import use_threads  # noqa: E402
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
 
 def _labels(model):
-    from JointRegSegLib.card import read_card
+    from JointRegSegLib.models.card import read_card
     return read_card(model)["labels"]
 
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from JointRegSegLib.data import atlas_sources  # noqa: E402
-from JointRegSegLib.pipeline import register_and_segment  # noqa: E402
+from JointRegSegLib.inference.pipeline import register_and_segment  # noqa: E402
 
 
 def moved(image: sitk.Image, shift_mm=(0.0, 0.0, 0.0), rotation_axis: int | None = None) -> sitk.Image:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rawscans", default=str(HERE / "rawscans" / "selfcheck.json"))
     parser.add_argument("--out", default=str(HERE / "selfcheck"))
     args = parser.parse_args(argv)
-    from JointRegSegLib.checkpoint import load_model
+    from JointRegSegLib.models.checkpoint import load_model
     model = load_model(args.model)
     failed = failed_runs(model)
     good = [{"case": f"{c['family']}: {c['pair']}", "agreement_mean": c["attempts"][0]["agreement_mean"],

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import heldout
     from slicer_runtime import boot, import_module_file
     from JointRegSegLib.evaluation.evaluate import read_pairs
-    from JointRegSegLib.mrml import ijk_to_ras
+    from JointRegSegLib.slicer.mrml import ijk_to_ras
 
     pair = read_pairs(heldout.build_pairs(HERE / "work" / "heldout" / "pairs", 2))[0]
     boot()

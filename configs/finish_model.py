@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from JointRegSegLib.checkpoint import load_model, save_model  # noqa: E402
+from JointRegSegLib.models.checkpoint import load_model, save_model  # noqa: E402
 from JointRegSegLib.training.synth_train import CARD_KEYS  # noqa: E402
 
 

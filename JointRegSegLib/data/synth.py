@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF
 
-from ..geometry import displacement_image, physical_points, voxel_ddf_to_mm
+from ..core.geometry import displacement_image, physical_points, voxel_ddf_to_mm
 
 
 def random_deformation(grid: sitk.Image, rng: np.random.Generator, rotation_deg=6.0, scale=0.06,

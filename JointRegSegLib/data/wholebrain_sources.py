@@ -144,7 +144,7 @@ def icbm2009a_tissue(grid: sitk.Image) -> PartialSource:
 def itk_head(grid: sitk.Image) -> PartialSource:
     """The ITK KmeansTest subject as a head in MNI space: generation labels = its k-means classes (air 0,
     two extracerebral classes, CSF/GM/WM inside its skull-strip mask), the real image with skull."""
-    from ..affine import affine_prealign
+    from ..inference.affine import affine_prealign
     raw = sitk.ReadImage(str(atlas._require(atlas.ITK_EXAMPLES / "KmeansTest_T1UCharRaw.nii.gz",
                                             "apt-get install insighttoolkit5-examples")), sitk.sitkFloat32)
     strip = sitk.Cast(sitk.ReadImage(str(atlas.ITK_EXAMPLES / "KmeansTest_T1RawSkullStrip.nii.gz")) > 4,

@@ -5,17 +5,17 @@ from pathlib import Path
 
 
 def _cmd_evaluate(args) -> int:
-    from ..card import read_card
-    from ..threads import configure_command_threads
-    from ..errors import JointRegSegError
-    from ..progress import stderr_progress
+    from ..models.card import read_card
+    from ..core.threads import configure_command_threads
+    from ..core.errors import JointRegSegError
+    from ..core.progress import stderr_progress
     from .evaluate import environment_lines, evaluate, read_pairs, write_evaluation
     from .methods import AffineOnly, ExternalMethod, Identity, JointRegSegMethod
     configure_command_threads(args.threads)   # `run`'s thread decision (--threads, else the free cores)
     pairs = read_pairs(args.pairs)
     models = list(args.model) if isinstance(args.model, (list, tuple)) else [args.model] if args.model else []
     if not models:   # no --model: the embedded default model, as `run`
-        from ..models import default_model_path
+        from ..models.installed import default_model_path
         models = [default_model_path()]
     methods = [{"identity": Identity, "affine": AffineOnly}[b]() for b in args.baseline]
     for model in models:

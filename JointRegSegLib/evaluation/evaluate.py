@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import JointRegSegError
-from ..imageio import read_image, staged_output_dir
-from ..progress import Reporter
-from ..qc import dice_per_label, jacobian_stats
+from ..core.errors import JointRegSegError
+from ..io.imageio import read_image, staged_output_dir
+from ..core.progress import Reporter
+from ..inference.qc import dice_per_label, jacobian_stats
 from .methods import displacement_array, warp_labels
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import JointRegSegError
+from ..core.errors import JointRegSegError
 
 
 @dataclass
@@ -79,7 +79,7 @@ class AffineOnly:
     name = "affine"
 
     def run(self, moving, fixed) -> Outcome:
-        from ..affine import affine_prealign
+        from ..inference.affine import affine_prealign
         with PeakMemory() as memory:
             started = time.perf_counter()
             affine = affine_prealign(moving, fixed)
@@ -94,7 +94,7 @@ class JointRegSegMethod:
                  segment: bool = True, **options):
         """`options` go to register_and_segment (e.g. affine_method, segmentation_mode); `segment=False`
         leaves the segmentation unscored (a model whose label table differs from the pairs' labels)."""
-        from ..checkpoint import load_model
+        from ..models.checkpoint import load_model
         self.model = load_model(model_path)
         self.segment, self.options = segment, options
         self.device, self.refine_iterations = device, int(refine_iterations)
@@ -102,7 +102,7 @@ class JointRegSegMethod:
                              + (f"+refine{self.refine_iterations}" if self.refine_iterations else ""))
 
     def run(self, moving, fixed) -> Outcome:
-        from ..pipeline import register_and_segment
+        from ..inference.pipeline import register_and_segment
         with PeakMemory() as memory:
             result = register_and_segment(moving, fixed, self.model, device=self.device,
                                           refine_iterations=self.refine_iterations, **self.options)

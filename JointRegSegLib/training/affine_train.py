@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..affine_torch import learned_theta, normalised_points
-from ..checkpoint import load_model, new_model, save_model
+from ..inference.affine_torch import learned_theta, normalised_points
+from ..models.checkpoint import load_model, new_model, save_model
 from ..data.generator import BrainSynthesizer, SynthesisSettings
-from ..device import resolve_device
-from ..intensity import normalize
-from ..progress import Reporter
+from ..core.device import resolve_device
+from ..core.intensity import normalize
+from ..core.progress import Reporter
 
 DEFAULT_SPEC = {"kind": "keypoints", "pool": 2, "keypoints": 32, "channels": [16, 32, 64], "strides": [2, 2]}
 DEFAULT_POLISH = [[2, 30], [1, 20]]

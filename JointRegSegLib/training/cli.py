@@ -24,8 +24,8 @@ def _architecture(config: dict, arch: str | None) -> dict:
 
 
 def _cmd_train(args) -> int:
-    from ..progress import stderr_progress
-    from ..threads import configure_command_threads
+    from ..core.progress import stderr_progress
+    from ..core.threads import configure_command_threads
     configure_command_threads(args.threads)   # `run`'s thread decision (--threads, else the free cores)
     from .train import train
     config = json.loads(Path(args.config).read_text(encoding="utf-8"))
@@ -48,8 +48,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from ..progress import stderr_progress
-    from ..threads import configure_command_threads
+    from ..core.progress import stderr_progress
+    from ..core.threads import configure_command_threads
     configure_command_threads(args.threads)
     from .finetune import finetune
     config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.build import load_manifest
-from ..geometry import to_tensor
-from ..intensity import normalize
+from ..core.geometry import to_tensor
+from ..core.intensity import normalize
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
-from ..qc import dice_per_label
-from ..refine import refine_velocity
+from ..core.geometry import jacobian_determinant, make_grid, voxel_ddf_to_mm
+from ..inference.qc import dice_per_label
+from ..inference.refine import refine_velocity
 
 
 def _mean_dice(a: torch.Tensor, b: torch.Tensor, table) -> float:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..card import read_card
-from ..errors import JointRegSegError
-from ..geometry import resample, working_grid
+from ..models.card import read_card
+from ..core.errors import JointRegSegError
+from ..core.geometry import resample, working_grid
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 LABEL_SUFFIX = "_labels"
@@ -63,7 +63,7 @@ def list_cases(folder, need_labels: bool) -> dict[str, tuple[Path, Path | None]]
 
 def prepare_dataset(card: dict, labelled: dict, unlabelled: dict, holdout: int, out_dir: Path) -> dict:
     """Write a few-shot dataset (dataset.json format) on the model's working grid; returns its manifest."""
-    from ..affine import affine_prealign
+    from ..inference.affine import affine_prealign
     from ..data.build import DEFAULT_GRID
     names = list(labelled)
     held = names[len(names) - holdout:] if holdout else []
@@ -119,7 +119,7 @@ def finetune(init, labelled_dir, out_path, unlabelled_dir=None, holdout: int | N
 
     `holdout` defaults to 1 when there are at least 2 labelled cases, else 0.
     """
-    from ..checkpoint import load_model, save_model
+    from ..models.checkpoint import load_model, save_model
     from .dataset import load_fewshot
     from .evaluate import evaluate_pairs
     from .train import train

@@ -7,12 +7,12 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..affine_torch import card_theta, warp_with_theta
-from ..networks import cascade_velocity
+from ..inference.affine_torch import card_theta, warp_with_theta
+from ..models.networks import cascade_velocity
 from ..data import atlas_sources
 from ..data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid
-from ..intensity import normalize
-from ..qc import dice_per_label
+from ..core.intensity import normalize
+from ..inference.qc import dice_per_label
 
 
 def colin27_source(grid: sitk.Image | None = None) -> atlas_sources.SynthSource:

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
-from ..affine_torch import fit_affine, warp_with_theta
-from ..networks import cascade_velocity
-from ..checkpoint import load_model, new_model, save_model
-from ..device import resolve_device
-from ..intensity import normalize
-from ..progress import Reporter
+from ..inference.affine_torch import fit_affine, warp_with_theta
+from ..models.networks import cascade_velocity
+from ..models.checkpoint import load_model, new_model, save_model
+from ..core.device import resolve_device
+from ..core.intensity import normalize
+from ..core.progress import Reporter
 from .partial_labels import partial_label_loss
 from .training_log import open_training_log
 from ..data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid

@@ -17,10 +17,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import load_model, new_model, save_model
-from ..device import resolve_device
-from ..errors import JointRegSegError
-from ..progress import Reporter
+from ..models.checkpoint import load_model, new_model, save_model
+from ..core.device import resolve_device
+from ..core.errors import JointRegSegError
+from ..core.progress import Reporter
 from .dataset import FewShotData, load_fewshot
 from .training_log import open_training_log
 from .strategies import PAPERS, STRATEGIES

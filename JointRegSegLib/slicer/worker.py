@@ -4,7 +4,7 @@ Two ways, both pure Python here (no torch: this file imports inside Slicer befor
 dependencies exist):
 
 - `BackgroundRun`: one `python -m JointRegSegLib ARGS...` child per job (fine-tuning, scripts).
-- `WarmWorker`: one long-lived `python -m JointRegSegLib.worker serve` child that imports torch and
+- `WarmWorker`: one long-lived `python -m JointRegSegLib.slicer.worker serve` child that imports torch and
   MONAI once, keeps loaded models, and runs Register & Segment requests one after the other
   (JSON lines on its stdin and stdout). A request is cancelled cooperatively (the engine checks
   between iterations); if the worker does not stop within a grace period, or dies, it is killed and
@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,71 +28,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .errors import Cancelled, JointRegSegError
-
-LIB_PARENT = Path(__file__).resolve().parent.parent
-
-
-def python_executable() -> str:
-    """Slicer's own interpreter inside Slicer (PythonSlicer), else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
-
-
-def child_environment(env: dict | None = None) -> dict:
-    environment = dict(os.environ if env is None else env)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB_PARENT), environment.get("PYTHONPATH")]))
-    environment.setdefault("PYTHONUNBUFFERED", "1")
-    # The child's messages may hold non-ASCII (file names, units); don't let a C locale garble or crash them.
-    environment["PYTHONIOENCODING"] = "utf-8"
-    return environment
-
-
-def popen_options() -> dict:
-    """Own process group (so cancel reaches the children too) and, on Windows, no console window:
-    the same hidden-window start-up flags as slicer.util.launchConsoleProcess."""
-    if os.name == "posix":
-        return {"start_new_session": True}
-    startupinfo = subprocess.STARTUPINFO()
-    startupinfo.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-    startupinfo.wShowWindow = subprocess.SW_HIDE
-    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW,
-            "startupinfo": startupinfo}
-
-
-def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, then SIGKILL; returns once the process is gone."""
-    if process.poll() is not None:
-        return
-    if os.name == "posix":
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    else:
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
-                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        process.wait(timeout=30)
-
-
-def signal_process_tree(process: subprocess.Popen, sig) -> None:
-    """Send `sig` to the process and everything it started, without waiting for them (posix: its process
-    group; Windows: `taskkill /F /T`, started and not awaited, whatever `sig`)."""
-    if process.poll() is not None:
-        return
-    if os.name == "posix":
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    else:
-        subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+from ..core.errors import Cancelled, JointRegSegError
+from ..core.processes import (child_environment, events_on_stdout, kill_process_tree, popen_options,  # noqa: F401
+                              python_executable, signal_process_tree)
 
 
 def reap_in_background(stoppable, interval_s: float = 0.1) -> threading.Thread:
@@ -296,7 +233,7 @@ class WarmWorker:
             self._ready.clear()
             self.info = {}
             self.stderr.clear()
-            process = subprocess.Popen([self.python or python_executable(), "-m", "JointRegSegLib.worker", "serve"],
+            process = subprocess.Popen([self.python or python_executable(), "-m", "JointRegSegLib.slicer.worker", "serve"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        env=child_environment(self.env), text=True, encoding="utf-8",
                                        errors="replace", bufsize=1, **popen_options())
@@ -502,7 +439,7 @@ class _ModelCache:
         self.requests = 0
 
     def get(self, path: str, device):
-        from .checkpoint import load_model
+        from ..models.checkpoint import load_model
         path = Path(path).resolve()
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
@@ -513,10 +450,10 @@ class _ModelCache:
 
 
 def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send) -> None:
-    from .device import resolve_device
-    from .imageio import read_image
-    from .outputs import write_result
-    from .pipeline import register_and_segment
+    from ..core.device import resolve_device
+    from ..io.imageio import read_image
+    from ..io.outputs import write_result
+    from ..inference.pipeline import register_and_segment
     request_id, args = request["id"], request["args"]
 
     def progress(stage, fraction):
@@ -524,7 +461,7 @@ def _handle_run(request: dict, cancel: threading.Event, cache: _ModelCache, send
 
     model_path = args.get("model")
     if model_path is None:
-        from .models import default_model_path
+        from ..models.installed import default_model_path
         model_path = default_model_path()
     started = time.perf_counter()
     moving = read_image(args["moving"], "moving")
@@ -575,15 +512,6 @@ def release_gpu_memory(torch_module=None) -> bool:
     return True
 
 
-def events_on_stdout():
-    """The process's original stdout as a line-buffered text file for protocol events (JSON lines); file
-    descriptor 1 and sys.stdout then go to stderr, so whatever libraries print never enters the protocol."""
-    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return events
-
-
 def serve(stdin=None) -> int:
     """The warm worker's loop: JSON requests on stdin, JSON events on the original stdout.
 
@@ -592,7 +520,7 @@ def serve(stdin=None) -> int:
     and deleted)}}, {"command": "cancel", "id": ID}, {"command": "quit"}.
     Events: ready, progress, done, cancelled, failed (with "error").
     """
-    from .cli import quiet_known_warnings
+    from ..core.known_warnings import quiet_known_warnings
     stdin = stdin or sys.stdin
     events = events_on_stdout()
     send_lock = threading.Lock()
@@ -603,9 +531,9 @@ def serve(stdin=None) -> int:
             events.flush()
 
     quiet_known_warnings()
-    from .threads import configure_command_threads
+    from ..core.threads import configure_command_threads
     # the expensive imports, once, while `run`'s thread decision measures the load of other programs
-    choice = configure_command_threads(modules=(f"{__package__}.pipeline",))
+    choice = configure_command_threads(modules=("JointRegSegLib.inference.pipeline",))
     import torch
     requests: queue.Queue = queue.Queue()
     cancels: dict[str, threading.Event] = {}
@@ -658,4 +586,4 @@ def serve(stdin=None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["serve"]:
         sys.exit(serve())
-    sys.exit("usage: python -m JointRegSegLib.worker serve")
+    sys.exit("usage: python -m JointRegSegLib.slicer.worker serve")

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .card import CARD_KEY, FORMAT, FORMAT_VERSION, read_card, validate_card
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 from .networks import build_network
 
 

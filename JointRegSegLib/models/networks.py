@@ -293,7 +293,7 @@ def cascade_velocity(network: nn.Module, moving: torch.Tensor, fixed: torch.Tens
 
 
 def build_network(architecture: dict, num_classes: int) -> nn.Module:
-    from .errors import CheckpointError
+    from ..core.errors import CheckpointError
     name = architecture.get("name")
     if name not in ARCHITECTURES:
         raise CheckpointError(f"model card: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")

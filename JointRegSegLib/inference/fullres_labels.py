@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import resample_in_slabs
+from ..core.geometry import resample_in_slabs
 
 # points handled per step of the affine path (float64 coordinates, a few tens of MB)
 _POINTS_PER_STEP = 1 << 20

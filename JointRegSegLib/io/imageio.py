@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError, JointRegSegError
+from ..core.errors import InputImageError, JointRegSegError
 
 # Refuse volumes whose float32 copies alone would exceed this many voxels (about 3 GB per copy).
 MAX_VOXELS = 768 * 1024 * 1024

@@ -22,9 +22,9 @@ import slicer
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
-from .card import read_card
-from .errors import InputImageError, JointRegSegError
-from .outputs import OUTPUT_FILES
+from ..models.card import read_card
+from ..core.errors import InputImageError, JointRegSegError
+from ..io.outputs import OUTPUT_FILES
 from .worker import BackgroundRun
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -661,7 +661,7 @@ class Job:
         check_inputs(moving_node, fixed_node)
         check_outputs(outputs, (moving_node, fixed_node, *(guide or ())))
         if model_path is None:
-            from .models import default_model_path
+            from ..models.installed import default_model_path
             model_path = default_model_path()
         self.card = read_card(model_path)
         if int(refine_iterations) < 0:

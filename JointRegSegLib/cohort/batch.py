@@ -18,13 +18,13 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import JointRegSegError
-from .threads import ENV_VAR as THREADS_ENV
+from ..core.errors import JointRegSegError
+from ..core.threads import ENV_VAR as THREADS_ENV
+from .pair import qc_fields, rank_device, run_pair
 
 SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = ["name", "status", "error", "seconds", "engine_seconds", "folding_percent", "jacobian_min",
@@ -173,7 +173,7 @@ def previous_outputs(out: Path, wanted: dict) -> tuple[str, dict | None]:
     """What `out` holds: ('complete', qc) every output made with `wanted` (the pair is skipped); ('partial',
     None) only outputs of this same pair, some missing (recomputed); ('missing', None) nothing; ('other',
     None) outputs of other inputs or options, or other files (recomputed only with --overwrite)."""
-    from .outputs import MASK_FILES, OUTPUT_FILES, known_outputs
+    from ..io.outputs import MASK_FILES, OUTPUT_FILES, known_outputs
     if not out.is_dir() or not any(out.iterdir()):
         return "missing", None
     names = list(OUTPUT_FILES.values()) + (list(REPORT_FILES) if wanted["report"] else [])
@@ -192,51 +192,6 @@ def previous_outputs(out: Path, wanted: dict) -> tuple[str, dict | None]:
         return "complete", qc
     known = known_outputs() | set(REPORT_FILES)
     return ("partial" if all(p.name in known for p in out.iterdir()) else "other"), None
-
-
-def _number(value, digits: int):
-    return "" if value is None else round(float(value), digits)
-
-
-def _qc_fields(qc: dict) -> dict:
-    """The key QC numbers of a pair for the summary."""
-    return {"engine_seconds": _number((qc.get("timing_s") or {}).get("total"), 2),
-            "folding_percent": _number(qc.get("folding_percent"), 5),
-            "jacobian_min": _number(qc.get("jacobian_min"), 4), "jacobian_max": _number(qc.get("jacobian_max"), 4),
-            "device": qc.get("device", ""), "refine_iterations": qc.get("refine_iterations", ""),
-            "registration_status": qc.get("registration_status") or "",
-            "agreement_mean": _number(qc.get("agreement_mean"), 4)}
-
-
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, JointRegSegError):
-        return " ".join(str(err).split())
-    return f"{type(err).__name__}: {' '.join(str(err).split()) or 'no message'}"
-
-
-def run_pair(pair_args: argparse.Namespace, wanted: dict, state: str, model, read, progress) -> dict:
-    """Register and segment one pair and write its outputs; returns the summary row's new fields (status
-    "done" or "failed", error, seconds, QC numbers, and "traceback" for an unexpected error). `read()`
-    returns (moving, fixed, guide labels). A failure of this pair is returned, not raised; an interrupt is."""
-    from .cli import check_overlap, check_run_resources, run_and_write
-    began = time.perf_counter()
-    result = None
-    try:
-        if state == "other" and not pair_args.overwrite:
-            raise JointRegSegError(f"{pair_args.out} holds outputs of other inputs or options (or other "
-                                   "files); pass --overwrite to replace them")
-        check_run_resources(pair_args)
-        moving, fixed, guide = read()
-        if pair_args.no_affine:
-            check_overlap(moving, fixed)
-        result, _written = run_and_write(pair_args, moving, fixed, guide, model=model, progress=progress,
-                                         extra_qc={"batch": wanted})
-    except Exception as err:  # noqa: BLE001  one pair's failure must not stop the cohort
-        failed = {"status": "failed", "error": _error_text(err), "seconds": round(time.perf_counter() - began, 2)}
-        if not isinstance(err, JointRegSegError):
-            failed["traceback"] = "".join(traceback.format_exception(err)).rstrip()
-        return failed
-    return {"status": "done", "seconds": round(time.perf_counter() - began, 2), **_qc_fields(result.qc)}
 
 
 def report_pair(name: str, row: dict, write) -> None:
@@ -283,14 +238,6 @@ def ranks() -> tuple[int, int, int]:
                 int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError as err:
         raise JointRegSegError(f"RANK/WORLD_SIZE/LOCAL_RANK from torchrun are not numbers: {err}") from None
-
-
-def rank_device(device: str, local_rank: int, world: int) -> str:
-    """Under torchrun each rank of a machine takes its own GPU (when the device is auto or bare cuda)."""
-    import torch
-    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return device
 
 
 def _merge_after_barrier(out: Path, rank: int, world: int, order: dict[str, int], failures: int) -> int:
@@ -343,7 +290,7 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
     on 2 cores, 1.5 mm brains: 2 workers x 1 thread compute a pair every ~1.6 s once started, one process
     with 2 threads every ~2.1 s); on a GPU one.
     """
-    from .imageio import available_memory_bytes
+    from ..io.imageio import available_memory_bytes
     budget = threads["threads"]
     if requested != "auto":
         workers, why = int(requested), "--workers"
@@ -366,7 +313,7 @@ def plan_workers(requested, threads: dict, todo: list, card: dict, device: str) 
 
 
 def _memory_or_none(pair_args, card):
-    from .cli import run_memory_bytes
+    from ..inference.job import run_memory_bytes
     try:
         return run_memory_bytes(pair_args, card)
     except JointRegSegError:
@@ -387,9 +334,9 @@ def _progress_bar(total: int, initial: int, rank: int, world: int):
 
 
 def _cmd_batch(args) -> int:
-    from .card import read_card
-    from .cli import validate_run_options
-    from .threads import LoadProbe, choose_threads
+    from ..models.card import read_card
+    from ..inference.job import validate_run_options
+    from ..core.threads import LoadProbe, choose_threads
 
     rank, world, local_rank = ranks()
     pairs = read_pairs(args.pairs, args.row_options)
@@ -416,7 +363,7 @@ def _cmd_batch(args) -> int:
         state, qc = previous_outputs(Path(pair_args.out), wanted)
         rows[pair.name] = {"name": pair.name, "out": pair_args.out, "status": "pending", "error": "", "seconds": ""}
         if state == "complete":
-            rows[pair.name].update(status="skipped", **_qc_fields(qc))
+            rows[pair.name].update(status="skipped", **qc_fields(qc))
             continue
         # our own unfinished outputs are replaced; outputs of other inputs or options only with --overwrite
         pair_args.overwrite = bool(getattr(args, "overwrite", False)) or state == "partial"
@@ -454,7 +401,7 @@ def _cmd_batch(args) -> int:
 
     try:
         if plan["workers"] > 1:
-            from .batch_workers import run_in_workers
+            from .workers import run_in_workers
 
             def show_running():
                 bar.set_postfix_str(", ".join(name for name, row in rows.items() if row["status"] == "running"))
@@ -501,13 +448,13 @@ def _run_here(todo, plan, args, local_rank, world, bar, started, finished) -> No
     pair while the current one is computed."""
     if not todo:
         return
-    from . import import_monai_lean
-    from .cli import read_run_inputs
-    from .threads import apply_threads
+    from .. import import_monai_lean
+    from ..inference.job import read_run_inputs
+    from ..core.threads import apply_threads
     import_monai_lean()
     apply_threads(plan["threads"])
-    from .checkpoint import load_model
-    from .device import resolve_device
+    from ..models.checkpoint import load_model
+    from ..core.device import resolve_device
     device = rank_device(args.device, local_rank, world)
     model = load_model(args.model, resolve_device(device), trust_unsigned=getattr(args, "trust_unsigned", False))
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jointregseg-prefetch")

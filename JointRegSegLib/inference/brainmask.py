@@ -16,8 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .geometry import make_grid, resample, to_tensor, working_grid
-from .intensity import normalize
+from ..core.geometry import make_grid, resample, to_tensor, working_grid
+from ..core.intensity import normalize
 
 RECENTRE_MM = 4.0          # a brain centre closer than this to the grid's centre is left where it is
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import jacobian_determinant
+from ..core.geometry import jacobian_determinant
 
 
 def jacobian_stats(displacement_mm: np.ndarray, grid: sitk.Image, mask: np.ndarray | None = None) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import center_of_mass, physical_box
+from ..core.geometry import center_of_mass, physical_box
 
 DPI = 150
 CONVENTION = "radiological convention: patient's right (R) on the image's left; superior (S) up"

@@ -16,18 +16,18 @@ from .brainmask import (full_resolution_mask, locate_brain, mask_image, masked, 
                         render_from_segmentation, rendering_intensities)
 from .affine_torch import prealign as prealign_torch
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
-from .checkpoint import JointRegSegModel, load_model
-from .device import resolve_device, run_with_cpu_fallback
+from ..models.checkpoint import JointRegSegModel, load_model
+from ..core.device import resolve_device, run_with_cpu_fallback
 from .fullres_labels import labels_on
-from .geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
+from ..core.geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
                        jacobian_determinant_of_transform, resample, to_tensor, total_transform,
                        voxel_ddf_to_mm, working_grid)
-from .errors import CheckpointError, InputImageError
-from .imageio import label_image_like, validate_volume
-from .input_checks import input_warnings
-from .intensity import normalize
-from .networks import cascade_velocity
-from .progress import Reporter
+from ..core.errors import CheckpointError, InputImageError
+from ..io.imageio import label_image_like, validate_volume
+from ..io.input_checks import input_warnings
+from ..core.intensity import normalize
+from ..models.networks import cascade_velocity
+from ..core.progress import Reporter
 from .qc import determinant_stats, label_volumes_ml, volume_flags
 from .refine import choose_velocity_scale, refine_velocity
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceLoss, DiffusionLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
-from .errors import JointRegSegError
+from ..core.errors import JointRegSegError
 
 SIMILARITIES = ("lncc", "mi")
 

@@ -170,8 +170,8 @@ def prealign(moving: sitk.Image, fixed: sitk.Image, card: dict, device="cpu",
     "torch-mi"), or by the model's learned affine then `fit_affine` polishing it on the card's (shorter)
     schedule (kind "learned"); the result maps fixed physical points to moving ones (as
     `affine.affine_prealign`)."""
-    from .geometry import resample, to_tensor, working_grid
-    from .intensity import normalize
+    from ..core.geometry import resample, to_tensor, working_grid
+    from ..core.intensity import normalize
     fixed_grid, moving_grid = working_grid(fixed, card), working_grid(moving, card)
     background = lambda image: float(sitk.GetArrayViewFromImage(image).min())
     fixed_t = normalize(to_tensor(resample(fixed, fixed_grid, default=background(fixed)), device), card["intensity"])

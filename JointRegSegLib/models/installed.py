@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 from .card import read_card
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_MODELS = REPO_ROOT / "Resources" / "Models"
 DEFAULT_MODEL_NAME = "brain-head-synth.safetensors"
 

@@ -1,6 +1,6 @@
 """`jointregseg batch --workers N`: pairs computed by N worker processes side by side.
 
-Each worker is a child process (`python -m JointRegSegLib.batch_workers ...`) that imports the engine, takes
+Each worker is a child process (`python -m JointRegSegLib.cohort.workers ...`) that imports the engine, takes
 its threads and loads the model once, then computes the pairs the parent sends it, one at a time, until its
 stdin closes. Parent and worker talk in JSON lines over the worker's own pipes (the worker's stdout is kept
 for them; whatever libraries print goes to stderr), so a worker that dies can hold no lock or message of
@@ -26,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import JointRegSegError
+from ..core.errors import JointRegSegError
 
 _STOP_GRACE_S = 10.0
 _UNWIND_S = 1.0
@@ -46,11 +46,11 @@ class _Worker:
 def run_in_workers(todo: list, plan: dict, args, placement: tuple, started, finished) -> None:
     """Compute `todo` [(pair, pair_args, wanted, state)] in plan["workers"] processes of plan["threads"]
     threads each. In this process, `started(pair)` is called when a worker is given a pair and
-    `finished(pair, row_update)` when it ends (see batch.run_pair). `placement`: (local rank, world size)
+    `finished(pair, row_update)` when it ends (see pair.run_pair). `placement`: (local rank, world size)
     for the device choice under torchrun."""
-    from .worker import child_environment
+    from ..core.processes import child_environment
     events = queue.Queue()
-    command = [sys.executable, "-m", "JointRegSegLib.batch_workers", "--model", str(args.model),
+    command = [sys.executable, "-m", "JointRegSegLib.cohort.workers", "--model", str(args.model),
                "--device", args.device, "--local-rank", str(placement[0]), "--world", str(placement[1]),
                "--threads", str(plan["threads"])] + (["--trust-unsigned"] if getattr(args, "trust_unsigned", False)
                                                     else [])
@@ -221,7 +221,7 @@ def _watch_parent() -> None:
 def serve(argv=None) -> int:
     """A worker: load the model, then compute the pairs that arrive on stdin (JSON lines) until it closes;
     events go as JSON lines to the original stdout."""
-    parser = argparse.ArgumentParser(prog="python -m JointRegSegLib.batch_workers")
+    parser = argparse.ArgumentParser(prog="python -m JointRegSegLib.cohort.workers")
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--local-rank", type=int, default=0)
@@ -229,7 +229,7 @@ def serve(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--trust-unsigned", action="store_true")
     options = parser.parse_args(argv)
-    from .worker import events_on_stdout
+    from ..core.processes import events_on_stdout
     events = events_on_stdout()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
@@ -242,16 +242,16 @@ def serve(argv=None) -> int:
     _watch_parent()
 
     try:
-        from .cli import quiet_known_warnings
+        from ..core.known_warnings import quiet_known_warnings
         quiet_known_warnings()
-        from . import import_monai_lean
+        from .. import import_monai_lean
         import_monai_lean()
-        from .threads import apply_threads
+        from ..core.threads import apply_threads
         apply_threads(options.threads)
-        from .batch import rank_device, run_pair
-        from .checkpoint import load_model
-        from .cli import read_run_inputs
-        from .device import resolve_device
+        from .pair import rank_device, run_pair
+        from ..models.checkpoint import load_model
+        from ..inference.job import read_run_inputs
+        from ..core.device import resolve_device
         device = rank_device(options.device, options.local_rank, options.world)
         model = load_model(options.model, resolve_device(device), trust_unsigned=options.trust_unsigned)
     except Exception as err:  # noqa: BLE001  reported to the parent, which stops the batch with it

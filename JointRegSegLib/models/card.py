@@ -9,7 +9,7 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 FORMAT = "jointregseg-checkpoint"
 FORMAT_VERSION = 1
