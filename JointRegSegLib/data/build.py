@@ -1,7 +1,6 @@
 """`jointregseg data build`: a deterministic few-shot training set from the offline sources."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from ..inference.affine import affine_prealign
 from ..core.geometry import center_of_mass, make_grid
 from ..io.imageio import staged_output_dir
 from . import sources
+from .dataset_format import write_manifest
 from .synth import synthesize
 
 DEFAULT_GRID = {"size": [64, 80, 64], "spacing": [2.5, 2.5, 2.5], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
@@ -67,27 +67,3 @@ def build_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 36, n_val: 
                              "bias field and noise. Validation subjects derive from the same two labelled anatomies "
                              "with stronger changes; numbers on them are optimistic for unseen anatomy.")
     return out_dir
-
-
-def write_manifest(folder: Path, items: list[dict], n_labelled: int, **fields) -> None:
-    """Mark the few-shot labels and write dataset.json: only the first `n_labelled` training images with
-    labels may supervise training (the other training labels stay on disk for oracle studies only);
-    validation pairs run round the validation subjects."""
-    candidates = [e for e in items if e["split"] == "train" and e["labels"]]
-    for entry in candidates[:n_labelled]:
-        entry["labelled"] = True
-    val = [e["name"] for e in items if e["split"] == "val"]
-    manifest = {"format": "jointregseg-dataset", "version": 1, "modality": "MR-T1 brain-extracted",
-                "n_labelled": n_labelled, "items": items,
-                "validation_pairs": [{"moving": val[i], "fixed": val[(i + 1) % len(val)]} for i in range(len(val))],
-                **fields}
-    (folder / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-
-
-def load_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / "dataset.json"
-    if not path.is_file():
-        from ..core.errors import JointRegSegError
-        raise JointRegSegError(f"{folder}: no dataset.json; build one with `jointregseg data build --out {folder}`")
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from ..core.geometry import center_of_mass, make_grid
 from ..io.imageio import staged_output_dir
-from .build import write_manifest
 from . import atlas_sources
+from .dataset_format import write_manifest
 from .generator import BrainSynthesizer, SynthesisSettings
 from .label_table import LABEL_TABLE
 from .synth import synthesize

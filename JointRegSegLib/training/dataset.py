@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..data.build import load_manifest
+from ..data.dataset_format import load_manifest
 from ..core.geometry import to_tensor
 from ..core.intensity import normalize
 
