@@ -1,1 +1,2 @@
-"""`jointregseg evaluate`: accuracy, smoothness, time and memory of registration methods on labelled pairs."""
+"""The one evaluator: scoring (the scoring core), validation (a network on its working grid: training's card
+metrics), evaluate and methods (methods over labelled file pairs: `jointregseg evaluate` and the benchmarks)."""

@@ -1,11 +1,11 @@
-"""Evaluate registration methods over labelled pairs: Dice and HD95 per structure, folding, det J,
-segmentation Dice, time and memory; then a CSV, a markdown summary and plots."""
+"""Evaluate registration methods over labelled file pairs in physical space (`jointregseg evaluate` and the
+benchmarks): each pair scored by the one scoring core (scoring.py: Dice and HD95 per structure, folding, det J,
+segmentation Dice) plus time and memory; then a CSV, a markdown summary and plots."""
 from __future__ import annotations
 
 import csv
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +15,8 @@ import SimpleITK as sitk
 from ..core.errors import JointRegSegError
 from ..io.imageio import read_image, staged_output_dir
 from ..core.progress import Reporter
-from ..inference.qc import dice_per_label, jacobian_stats
 from .methods import displacement_array, warp_labels
+from .scoring import nanmean, score_pair
 
 
 @dataclass
@@ -48,31 +48,6 @@ def read_pairs(csv_path) -> list[Pair]:
     return pairs
 
 
-def hd95_per_label(a: np.ndarray, b: np.ndarray, spacing_zyx, label_table) -> dict:
-    """95th-percentile symmetric Hausdorff distance (mm) per structure (MONAI's metric)."""
-    import torch
-    from monai.metrics import compute_hausdorff_distance
-    out = {}
-    for entry in label_table:
-        if entry["value"] == 0:
-            continue
-        x, y = a == entry["value"], b == entry["value"]
-        if not x.any() or not y.any():
-            out[entry["name"]] = float("nan")
-            continue
-        # crop to the structures' joint bounding box (+2 voxels): same distances, far less work
-        box = np.argwhere(x | y)
-        low, high = np.maximum(box.min(0) - 2, 0), box.max(0) + 3
-        crop = tuple(slice(lo, hi) for lo, hi in zip(low, high))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)   # MONAI's own deprecated internal argument
-            value = compute_hausdorff_distance(torch.from_numpy(x[crop])[None, None],
-                                               torch.from_numpy(y[crop])[None, None], percentile=95,
-                                               spacing=list(spacing_zyx))
-        out[entry["name"]] = float(value.item())
-    return out
-
-
 def evaluate(pairs: list[Pair], methods: list, label_table: list, progress=None, cancel=None,
              hd95: bool = True) -> list[dict]:
     """One row per (pair, method); `hd95=False` skips the (slow) Hausdorff distances (NaN in the rows)."""
@@ -92,29 +67,23 @@ def evaluate(pairs: list[Pair], methods: list, label_table: list, progress=None,
             reporter.update(f"{pair.name}: {method.name}", (p_index * len(methods) + m_index) / total)
             outcome = method.run(moving, fixed)
             warped = sitk.GetArrayFromImage(warp_labels(moving_labels, outcome.displacement))
-            dice = dice_per_label(warped, truth, label_table)
-            distances = (hd95_per_label(warped, truth, spacing_zyx, label_table) if hd95
-                         else {name: float("nan") for name in dice})
-            stats, _ = jacobian_stats(displacement_array(outcome.displacement), fixed)
+            predicted = (sitk.GetArrayFromImage(outcome.fixed_segmentation)
+                         if outcome.fixed_segmentation is not None else None)
+            scores = score_pair(warped, truth, label_table, predicted=predicted,
+                                displacement_mm=displacement_array(outcome.displacement), grid=fixed,
+                                hd95_spacing_zyx=spacing_zyx if hd95 else None)
+            stats = scores.deformation
             row = {"pair": pair.name, "method": method.name,
-                   "registration_dice": _nanmean(dice.values()), "hd95_mm": _nanmean(distances.values()),
+                   "registration_dice": scores.registration_dice, "hd95_mm": scores.hd95_mean_mm,
                    "folding_percent": stats["folding_percent"], "jacobian_min": stats["jacobian_min"],
                    "jacobian_p1": stats["jacobian_p1"], "jacobian_p99": stats["jacobian_p99"],
-                   "jacobian_max": stats["jacobian_max"], "segmentation_dice": float("nan"),
+                   "jacobian_max": stats["jacobian_max"], "segmentation_dice": scores.segmentation_dice,
                    "seconds": outcome.seconds, "peak_memory_mb": outcome.peak_memory_mb}
-            if outcome.fixed_segmentation is not None:
-                predicted = sitk.GetArrayFromImage(outcome.fixed_segmentation)
-                row["segmentation_dice"] = _nanmean(dice_per_label(predicted, truth, label_table).values())
-            row.update({f"dice_{name}": value for name, value in dice.items()})
-            row.update({f"hd95_{name}": value for name, value in distances.items()})
+            row.update({f"dice_{name}": value for name, value in scores.dice.items()})
+            row.update({f"hd95_{name}": value for name, value in scores.hd95_mm.items()})
             rows.append(row)
     reporter.update("done", 1.0)
     return rows
-
-
-def _nanmean(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
@@ -129,7 +98,7 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
         dice = np.array([r["registration_dice"] for r in mine])
         entry = {"method": method, "pairs": len(mine), "registration_dice": float(np.mean(dice)),
                  "registration_dice_sd": float(np.std(dice)),
-                 **{key: _nanmean(r[key] for r in mine) for key in
+                 **{key: nanmean(r[key] for r in mine) for key in
                     ("hd95_mm", "segmentation_dice", "folding_percent", "jacobian_min", "jacobian_max", "seconds",
                      "peak_memory_mb")}}
         entry["speedup_vs_reference"] = float(ref_time / entry["seconds"]) if ref_time and entry["seconds"] > 0 \

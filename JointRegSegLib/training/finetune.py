@@ -121,7 +121,7 @@ def finetune(init, labelled_dir, out_path, unlabelled_dir=None, holdout: int | N
     """
     from ..models.checkpoint import load_model, save_model
     from .dataset import load_fewshot
-    from .evaluate import evaluate_pairs
+    from ..evaluation.validation import evaluate_pairs
     from .train import train
     card = read_card(init)
     cases = list_cases(labelled_dir, need_labels=True)
