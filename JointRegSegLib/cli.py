@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .core.arguments import number
 from .core.errors import Cancelled, JointRegSegError
 from .core.known_warnings import quiet_known_warnings
 from .inference.job import (check_overlap, check_run_resources, read_run_inputs, run_and_write,
@@ -44,24 +45,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of iterations, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
-    return value
+_non_negative_int = number(int, what="a whole number of iterations", minimum=0)
+_positive_float = number(float, above=0)
 
 
 def _cmd_run(args) -> int:

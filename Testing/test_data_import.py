@@ -209,6 +209,24 @@ def test_every_strategy_trains_on_imported_data(imported, tmp_path, strategy):
     assert card["metrics"]["validation_pairs"] == 1
 
 
+def test_the_synthesis_strategy_trains_on_imported_data(imported, tmp_path):
+    """`--strategy synth` on a data set: each labelled training image is a source (its label map drives the
+    synthesis, its image is the real one); the model has the data set's label table and grid, and its card
+    the data set's validation figures."""
+    config = {"name": "tiny-synth", "strategy": "synth", "seed": 0, "steps": 2, "architecture": TINY_UNET,
+              "intensity": {"kind": "percentile", "lower": 1.0, "upper": 99.5}, "train_affine_schedule": [[2, 3]]}
+    path = tmp_path / "synth.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    model = tmp_path / "synth.safetensors"
+    assert main(["train", "--config", str(path), "--data", str(imported), "--out", str(model), "--device", "cpu",
+                 "--threads", "1"]) == 0
+    card = read_card(model)
+    assert card["labels"] == load_manifest(imported)["label_table"]
+    assert card["working_grid"]["size"] == [24, 24, 24]
+    assert card["metrics"]["validation_pairs"] == 1
+    assert card["training"]["strategy"] == "synth" and card["data"]["folder"] == str(imported)
+
+
 def test_default_grid_and_no_validation_images(scans, tmp_path):
     """Without --spacing/--size the grid covers the reference's field of view (72 mm) at 2 mm in multiples
     of 8; with --val 0 there are no validation pairs and training still writes a model."""
@@ -226,6 +244,7 @@ def test_default_grid_and_no_validation_images(scans, tmp_path):
                  "--threads", "1"]) == 0
     card = read_card(model)
     assert card["metrics"]["validation_pairs"] == 0 and card["training"]["labelled_images"] == ["case_a"]
+    assert "no validation figures" in card["metrics"]["note"] and "registration_dice_mean" not in card["metrics"]
 
 
 # ---- what a user gets wrong -----------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def test_heldout_dataset_never_trains_on_its_validation_anatomy(tmp_path, monkey
     from JointRegSegLib.data import atlas_sources, build_heldout
     from JointRegSegLib.core.geometry import physical_points
     from JointRegSegLib.training.dataset import load_fewshot
-    from JointRegSegLib.training.evaluate import validation_note
+    from JointRegSegLib.evaluation.validation import validation_note
 
     def phantom_on(grid, name, with_target):
         points = physical_points(grid) - np.array(atlas_sources.COMMON_GRID["center_lps"])
@@ -285,7 +285,7 @@ def test_affine_training_target_maps_one_synthetic_subject_onto_another():
     moving one warped by it, match the fixed one far better than before, and its mm error metric is 0 for
     itself and the shift size for a pure shift."""
     from JointRegSegLib.inference.affine_torch import warp_with_theta
-    from JointRegSegLib.training.affine_train import affine_error_mm, true_theta
+    from JointRegSegLib.training.strategies.affine import affine_error_mm, true_theta
     synthesizer = BrainSynthesizer([_phantom_source()], _quiet_settings(real_image_probability=1.0))
     rng = np.random.default_rng(5)
     fixed = synthesizer.sample(rng, 0, elastic=False, use_real=True)
@@ -371,7 +371,7 @@ def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
     from JointRegSegLib import new_model, save_model
     from JointRegSegLib.inference.affine_torch import prealign
     from JointRegSegLib.models.checkpoint import load_model
-    from JointRegSegLib.training.affine_train import train_affine
+    from JointRegSegLib.training.train import train
     card = {**TINY_CARD, "working_grid": {"size": [40, 48, 40], "spacing": [2.0, 2.0, 2.0],
                                           "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}}
     base = save_model(new_model(card, seed=1), tmp_path / "base.safetensors")
@@ -382,9 +382,9 @@ def test_affine_training_adds_a_learned_affine_and_keeps_the_rest(tmp_path):
                                                   "phantom/target": source.target, "phantom/image": source.image})
     (data / "sources.json").write_text(json.dumps({"grid": "test", "sources": [
         {"name": "phantom", "provenance": "test", "licence": "n/a", "has_target": True, "has_image": True}]}))
-    config = {"steps": 3, "batch": 1, "polish_schedule": [[1, 5]],
+    config = {"strategy": "affine", "steps": 3, "batch": 1, "polish_schedule": [[1, 5]],
               "affine": {"kind": "keypoints", "pool": 2, "keypoints": 4, "channels": [4, 8], "strides": [2]}}
-    out = train_affine(config, data, tmp_path / "with_affine.safetensors", init=base, device="cpu")
+    out = train(config, data, tmp_path / "with_affine.safetensors", init=base, device="cpu")
     trained, original = load_model(out), load_model(base)
     assert trained.card["prealignment"]["kind"] == "learned"
     assert trained.card["prealignment"]["schedule"] == [[1, 5]]
@@ -434,21 +434,21 @@ def test_synthetic_training_trains_the_inference_cascade(tmp_path):
     same seed and pairs); 0 passes is refused by name."""
     import pytest
     from JointRegSegLib.models.checkpoint import load_model
-    from JointRegSegLib.training.synth_train import train_synth
+    from JointRegSegLib.training.train import train
     data = _phantom_sources_dir(tmp_path / "data")
     weights = {}
     for passes in (1, 2):
         config = _tiny_synth_config(train_passes=passes, weights={"flow": 0.25})
-        out = train_synth(config, data, tmp_path / f"p{passes}.safetensors")
+        out = train(config, data, tmp_path / f"p{passes}.safetensors")
         weights[passes] = load_model(out).network.state_dict()
         log = (tmp_path / f"p{passes}.log.csv").read_text().splitlines()
         assert len(log) == 3 and all('""flow""' in row for row in log[1:])   # header + 2 steps, each supervised
     changed = [k for k in weights[1] if "registration" in k and not torch.equal(weights[1][k], weights[2][k])]
     assert changed
     with pytest.raises(ValueError, match="train_passes 0"):
-        train_synth(_tiny_synth_config(train_passes=0), data, tmp_path / "p0.safetensors")
+        train(_tiny_synth_config(train_passes=0), data, tmp_path / "p0.safetensors")
     with pytest.raises(ValueError, match="flow_pairs 'some'"):
-        train_synth(_tiny_synth_config(flow_pairs="some"), data, tmp_path / "pf.safetensors")
+        train(_tiny_synth_config(flow_pairs="some"), data, tmp_path / "pf.safetensors")
 
 
 def test_flow_term_measures_the_true_mapping_error_in_mm():
@@ -456,7 +456,7 @@ def test_flow_term_measures_the_true_mapping_error_in_mm():
     none: the moving subject sits 3 mm (along x) further in its source than the fixed one."""
     from types import SimpleNamespace
     import torch.nn.functional as F
-    from JointRegSegLib.training.synth_train import flow_error_mm
+    from JointRegSegLib.training.strategies.synth import flow_error_mm
     shape = (20, 24, 16)                                         # z, y, x; source spacing 2 mm
     identity = F.affine_grid(torch.eye(3, 4)[None], [1, 1, *shape], align_corners=False)
     shift = torch.tensor([3.0 / (shape[2] * 2.0 / 2), 0.0, 0.0])  # 3 mm along x, normalised

@@ -9,8 +9,8 @@ import torch
 from conftest import TINY_CARD, phantom_array, phantom_labels, sample_on
 
 from JointRegSegLib import Cancelled, load_model
-from JointRegSegLib.data.synth import appearance, random_deformation, synthesize
-from JointRegSegLib.core.geometry import jacobian_determinant, make_grid
+from JointRegSegLib.data.generator import synthesize
+from JointRegSegLib.core.geometry import make_grid
 from JointRegSegLib.training.train import train
 
 GRID = {"size": [32, 32, 32], "spacing": [3.0, 3.0, 3.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
@@ -21,21 +21,22 @@ CONFIG = {"name": "tiny-deepatlas", "strategy": "deepatlas", "seed": 0,
           "lr": {"reg_pretrain": 1e-3, "seg_pretrain": 1e-3, "reg": 5e-4, "seg": 1e-4}, "checkpoint_every": 3}
 
 
-def test_random_deformation_is_smooth_and_fold_free():
-    grid = make_grid((40, 48, 40), (2.5, 2.5, 2.5), np.eye(3), np.zeros(3))
-    field = random_deformation(grid, np.random.default_rng(1), smooth_mm=4.0)
-    det = jacobian_determinant(field, grid)
-    assert (det <= 0).mean() == 0.0
-    magnitude = np.linalg.norm(field, axis=-1)
-    assert 1.0 < magnitude.mean() < 20.0
-
-
-def test_appearance_keeps_background_and_changes_contrast():
-    array = np.zeros((20, 20, 20), np.float32)
-    array[5:15, 5:15, 5:15] = np.linspace(10, 100, 10)[None, None, :]
-    out = appearance(array, np.random.default_rng(0))
-    assert (out[array == 0] == 0).all()
-    assert not np.allclose(out[array > 0], (array[array > 0] - 10) / 90)
+def test_a_synthetic_subject_moves_the_anatomy_with_its_labels_and_keeps_the_background():
+    """`data build`'s subjects come from the generator: the anatomy moves (labels overlap the original's
+    only partly), labels move with the image (the image is bright where the labels are), the background
+    stays 0 and intensities change."""
+    source_grid = make_grid((48, 48, 48), (2.0, 2.0, 2.0), np.eye(3), np.zeros(3))
+    image, labels = sample_on(source_grid, phantom_array), sample_on(source_grid, phantom_labels)
+    grid = make_grid(GRID["size"], GRID["spacing"], np.eye(3), np.zeros(3))
+    plain, plain_labels = synthesize(image, labels, grid, np.random.default_rng(0), deform=False, strength=0.0)
+    moved, moved_labels = synthesize(image, labels, grid, np.random.default_rng(1))
+    a, b = sitk.GetArrayFromImage(plain_labels) > 0, sitk.GetArrayFromImage(moved_labels) > 0
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert 0.3 < dice < 0.98
+    values = sitk.GetArrayFromImage(moved)
+    assert values[b].mean() > 2 * values[~b].mean()
+    assert (values[sitk.GetArrayFromImage(plain) == 0] == 0).mean() > 0.9
+    assert not np.allclose(values, sitk.GetArrayFromImage(plain))
 
 
 @pytest.fixture
@@ -209,14 +210,14 @@ def test_finetune_folder_errors_are_named(tmp_path, tiny_checkpoint):
     bad = sample_on(grid, phantom_labels) * 3
     _write_case(tmp_path / "labelled", "case1", image, sitk.Cast(bad, sitk.sitkUInt8))
     _write_case(tmp_path / "unlabelled", "u0", image)
-    with pytest.raises(JointRegSegError, match=r"label values \[3, 6\] are not in the model's label table"):
+    with pytest.raises(JointRegSegError, match=r"values \[3, 6\] are not in the label table of the model"):
         finetune(tiny_checkpoint, tmp_path / "labelled", tmp_path / "o.safetensors", tmp_path / "unlabelled")
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_validation_note_says_when_validation_shares_an_anatomy_with_training():
     from types import SimpleNamespace
-    from JointRegSegLib.training.evaluate import validation_note
+    from JointRegSegLib.evaluation.validation import validation_note
     table = [{"value": 0}, {"value": 1}, {"value": 2}, {"value": 3}]
     items = [{"name": "a0", "source": "colin27"}, {"name": "b0", "source": "mni2009c"},
              {"name": "v0", "source": "colin27"}, {"name": "v1", "source": "kmeans"}]

@@ -95,7 +95,7 @@ def build_pairs(folder: Path, n_synthetic: int, seed: int = 21) -> Path:
         for moving, fixed in (("colin27", other), (other, "colin27")):
             rows.append(f"{moving}_to_{fixed},{moving}_oblique.nii.gz,{fixed}.nii.gz,{moving}_oblique_labels.nii.gz,"
                         f"{fixed}_labels.nii.gz")
-    from JointRegSegLib.data.synth import synthesize
+    from JointRegSegLib.data.generator import synthesize
     rng = np.random.default_rng(seed)
     image, labels = colin
     grid = make_grid((120, 144, 72), (1.5, 1.5, 2.5), _rotation((-6.0, 0.0, 12.0)), center_of_mass(image))

@@ -9,10 +9,15 @@ each curve is a 50-step running mean.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from JointRegSegLib.training import training_log  # noqa: E402
+from JointRegSegLib.training.training_log import running_mean  # noqa: E402
 
 PANELS = (("dice", "registration: label Dice loss (generation labels)"),
           ("segmentation", "segmentation: Dice + CE"),
@@ -21,17 +26,7 @@ PANELS = (("dice", "registration: label Dice loss (generation labels)"),
 
 
 def read_log(path: str) -> list[tuple[int, dict]]:
-    by_step = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            by_step[int(row["step"])] = json.loads(row["terms"])
-    return sorted(by_step.items())
-
-
-def running_mean(values: np.ndarray, window: int = 50) -> np.ndarray:
-    if len(values) < window:
-        return values
-    return np.convolve(values, np.ones(window) / window, mode="valid")
+    return [(step, terms) for step, _, _, terms in training_log.read_log(Path(path))]
 
 
 def main(argv=None) -> int:

@@ -178,6 +178,19 @@ class Recording(JointRegSegMethod):
                        result.fixed_segmentation if self.segment else None)
 
 
+def earlier_peer_rows(path: Path, pair_names: set) -> list[dict]:
+    """The peers' rows (methods other than JointRegSeg's and the baseline model's) of an earlier run of the
+    same pairs, numbers as numbers."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["pair"] in pair_names and not r["method"].startswith(
+            ("JointRegSeg", "previous default"))]
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("pair", "method"):
+                row[key] = float(value) if value not in ("", None) else float("nan")
+    return rows
+
+
 def family_table(rows_by_family: dict, reference: str) -> str:
     lines = ["| family | pairs | method | reg. Dice mean | worst pair / SyN's there | pairs below 0.9 x SyN | "
              "seg. Dice (fixed) |", "|---|---|---|---|---|---|---|"]
@@ -207,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--families", default="brain,head,contrast,thick")
     parser.add_argument("--rendered-variant", action="store_true",
                         help="also run the model with registration_input 'segmentation' (network only)")
+    parser.add_argument("--reuse-peers", default=None, metavar="DIR",
+                        help="take the peers' rows from an earlier run's results_<family>.csv in DIR (the same "
+                             "cached pairs) instead of running them again; RESULTS.md says so")
     parser.add_argument("--work", default=str(HERE / "work" / "rawscans"))
     parser.add_argument("--out", default=str(HERE / "rawscans"))
     args = parser.parse_args(argv)
@@ -235,6 +251,8 @@ def main(argv=None) -> int:
         for peer in [p for p in args.peers.split(",") if p]:
             methods.append(ExternalMethod(peer, [sys.executable, str(HERE / "peers.py"), peer]))
         rows = evaluate(pairs, methods, table, progress=stderr_progress, hd95=False)
+        if args.reuse_peers:
+            rows += earlier_peer_rows(Path(args.reuse_peers) / f"results_{family}.csv", {p.name for p in pairs})
         rows_by_family[family] = rows
         for pair, qc in zip(pairs, default.qcs):
             checks.append({"family": family, "pair": pair.name, "status": qc.get("registration_status"),
@@ -251,7 +269,10 @@ def main(argv=None) -> int:
                     + ", ".join(f"{a['affine_method']}: {a['agreement_mean']}" for a in c["attempts"] or []) + " |"
                     for c in checks]
     text = (f"# Raw-scan benchmark\n\nGenerated {datetime.date.today()} by `python benchmarks/rawscans.py --model "
-            f"{Path(args.model).name}` with {threads} threads; every method ran on the same pairs in this one run.\n\n"
+            f"{Path(args.model).name}` with {threads} threads; "
+            + (f"the peers' rows are those of the earlier run in `{args.reuse_peers}` on the same cached pairs "
+               "(not run again here)" if args.reuse_peers else "every method ran on the same pairs in this one run")
+            + ".\n\n"
             f"{environment_lines()}\nColin27 is held out of training on every pair; the templates and the ITK head "
             "were training sources (see the script's docstring). Registration Dice over the 14 structures of the "
             "held-out AAL labels (brain mask for head-brainmask); network only = no velocity-scale search, no "

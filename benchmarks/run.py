@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from JointRegSegLib.data import sources  # noqa: E402
-from JointRegSegLib.data.synth import synthesize  # noqa: E402
+from JointRegSegLib.data.generator import synthesize  # noqa: E402
 from JointRegSegLib.evaluation.evaluate import (environment_lines, evaluate, read_pairs,  # noqa: E402
                                                 write_evaluation)
 from JointRegSegLib.evaluation.methods import AffineOnly, ExternalMethod, Identity, JointRegSegMethod  # noqa: E402

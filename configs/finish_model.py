@@ -1,4 +1,4 @@
-"""Give a trained model the card entries its config names (`training.synth_train.CARD_KEYS`) and write it.
+"""Give a trained model the card entries its config names (`training.strategies.synth.CARD_KEYS`) and write it.
 
     python configs/finish_model.py --config configs/brain-head-synth.json --model TRAINED.safetensors \
                                    --out Resources/Models/brain-head-synth.safetensors [--metrics METRICS.json]
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from JointRegSegLib.models.checkpoint import load_model, save_model  # noqa: E402
-from JointRegSegLib.training.synth_train import CARD_KEYS  # noqa: E402
+from JointRegSegLib.training.strategies.synth import CARD_KEYS  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from ..core.geometry import center_of_mass, make_grid
 from ..io.imageio import staged_output_dir
 from . import sources
 from .dataset_format import write_manifest
-from .synth import synthesize
+from .generator import synthesize
 
 DEFAULT_GRID = {"size": [64, 80, 64], "spacing": [2.5, 2.5, 2.5], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
 

@@ -21,7 +21,7 @@ from . import atlas_sources
 from .dataset_format import write_manifest
 from .generator import BrainSynthesizer, SynthesisSettings
 from .label_table import LABEL_TABLE
-from .synth import synthesize
+from .generator import synthesize
 
 
 def study_grid(spacing: float) -> tuple[dict, sitk.Image]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.arguments import number
+
 IMPORT_DESCRIPTION = """\
 Turn your own scans and label maps into a training data set folder for `jointregseg train --data`.
 
@@ -18,34 +20,9 @@ all are resampled onto one axis-aligned working grid centred on it. Every input 
 alignment, and the output folder appears complete or not at all."""
 
 
-def _grid_side(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of voxels, got {text!r}") from None
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (8, 16, 24, ...), got {value}")
-    return value
-
-
-def _positive_mm(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of mm, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+_grid_side = number(int, what="a whole number of voxels", minimum=8, multiple_of=8)
+_positive_mm = number(float, what="a number of mm", above=0)
+_count = number(int, what="a whole number", minimum=0)
 
 
 def _cmd_build(args) -> int:

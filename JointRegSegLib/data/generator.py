@@ -223,3 +223,44 @@ class BrainSynthesizer:
         synthetic = render(warped_generation, rng, self.settings, warped_image, mixture_seed)
         warped_target = None if target is None else warp(target, grid, "nearest").long()
         return Synthetic(synthetic, warped_generation.long(), warped_target, grid, self.sources[index].name, use_real)
+
+
+# `synthesize`'s changes: a real anatomy moved as much as two subjects' pre-aligned brains differ, its
+# intensities changed as scanners do (the few-shot data sets of `data build` and the benchmarks' pairs)
+SUBJECT_SETTINGS = {"rotation_deg": 6.0, "scale": 0.06, "shear": 0.0, "velocity_std_mm": (4.0, 4.0),
+                    "control_spacing_mm": (40.0, 40.0), "blur_voxels": (0.0, 0.0), "anisotropy_probability": 0.0,
+                    "bias_strength": 0.15, "gamma_std": 0.2, "noise_std": (0.005, 0.03), "crop_probability": 0.0,
+                    "real_image_probability": 1.0}
+
+
+def synthesize(image, labels, grid, rng: np.random.Generator, deform: bool = True, strength: float = 1.0):
+    """(image, labels or None) of one subject made from a real one (SimpleITK images, any grid) on `grid`
+    (a SimpleITK image): resampled there in physical space, then through the generator (`BrainSynthesizer`,
+    real image) with a random affine (+-6 deg, +-6 % scale, shift +-5 mm) and diffeomorphism (velocity std
+    4 mm on a 40 mm control grid, both times `strength`) and its intensity changes (bias field, gamma,
+    noise); `deform=False, strength=0` only resamples. Labels follow the image's deformation."""
+    import SimpleITK as sitk
+    from .atlas_sources import SynthSource
+    on_grid = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    labels_on_grid = None if labels is None else sitk.Resample(labels, grid, sitk.Transform(),
+                                                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if not deform and strength <= 0:
+        return on_grid, labels_on_grid
+    array = sitk.GetArrayFromImage(on_grid)
+    label_array = None if labels_on_grid is None else sitk.GetArrayFromImage(labels_on_grid)
+    foreground = array > 0
+    generation = foreground.astype(np.int32) if label_array is None else \
+        np.where(label_array > 0, label_array.astype(np.int32) + 1, foreground)
+    spacing = float(min(grid.GetSpacing()))
+    half_extent_mm = min(n * s for n, s in zip(grid.GetSize(), grid.GetSpacing())) / 2
+    settings = SynthesisSettings(**{**SUBJECT_SETTINGS, "spacing_mm": spacing,
+                                    "shift_fraction": 5.0 / half_extent_mm})
+    source = SynthSource("subject", generation, label_array, np.where(generation > 0, array, 0).astype(np.float32), "", "")
+    subject = BrainSynthesizer([source], settings).sample(rng, 0, strength=strength, deform=deform, use_real=True)
+    out = sitk.GetImageFromArray(subject.image[0, 0].numpy().astype(np.float32))
+    out.CopyInformation(grid)
+    out_labels = None
+    if subject.target is not None:
+        out_labels = sitk.GetImageFromArray(subject.target[0, 0].numpy().astype(np.uint8))
+        out_labels.CopyInformation(grid)
+    return out, out_labels

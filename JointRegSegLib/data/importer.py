@@ -106,7 +106,7 @@ def import_dataset(images_dir, labels_dir, label_table_csv, out_dir, *, spacing_
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
         for done, scan in enumerate(scans):
-            items.append(_import_scan(scan, reference_scan.name, reference, grid, staging,
+            items.append(import_scan(scan, reference_scan.name, reference, grid, staging,
                                       "val" if scan.name in val_names else "train"))
             if progress:
                 progress("import data", (done + 1) / len(scans))
@@ -446,7 +446,7 @@ def _read_volume(path: Path, name: str) -> sitk.Image:
     return validate_volume(read_image(path, f"image {name}"), f"image {name} ({path})")
 
 
-def _import_scan(scan: Scan, reference_name: str, reference: sitk.Image, grid: sitk.Image, staging: Path,
+def import_scan(scan: Scan, reference_name: str, reference: sitk.Image, grid: sitk.Image, staging: Path,
                  split: str) -> dict:
     """Align the scan to the reference, resample it (and its labels) onto the grid, write both; its item."""
     as_stored = _read_volume(scan.image, scan.name)

@@ -47,6 +47,9 @@ def _labels_of(data, name):
 def evaluate_pairs(model, data, refine_iterations: int = 0) -> dict:
     """Mean scores over `data`'s validation pairs (a training data set loaded on its working grid: manifest,
     images, labels, hidden_labels and train, as training/dataset.py's FewShotData)."""
+    if not data.manifest.get("validation_pairs"):
+        return {"validation_pairs": 0, "refine_iterations": refine_iterations,
+                "note": "no validation pairs (no labelled image held out of training): no validation figures"}
     net = model.network.eval()
     table = model.card["labels"]
     grid_spec = data.manifest["working_grid"]

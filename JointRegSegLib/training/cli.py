@@ -32,16 +32,6 @@ def _cmd_train(args) -> int:
     config["architecture"] = _architecture(config, args.arch)
     default_strategy = "uresnet" if config["architecture"]["name"] == "uresnet" else "deepatlas"
     config["strategy"] = args.strategy or config.get("strategy", default_strategy)
-    if config["strategy"] == "affine":
-        from .affine_train import train_affine
-        out = train_affine(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
-        print(f"model written to {out}")
-        return 0
-    if config["strategy"] == "synth":
-        from .synth_train import train_synth
-        out = train_synth(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
-        print(f"model written to {out}")
-        return 0
     out = train(config, args.data, args.out, init=args.init, device=args.device, progress=stderr_progress)
     print(f"model written to {out}")
     return 0
@@ -68,14 +58,15 @@ def _cmd_finetune(args) -> int:
 
 
 def register(sub) -> None:
-    train = sub.add_parser("train", help="few-shot joint training of registration + segmentation")
+    train = sub.add_parser("train", help="train a model: a seed method, synthesis or the learned affine (one loop)")
     train.add_argument("--strategy", choices=STRATEGIES, default=None,
                        help="training method (default: the config's, else deepatlas; uresnet for --arch uresnet)")
     train.add_argument("--arch", choices=[*ARCHITECTURES, *ARCH_ALIASES], default=None,
                        help="network architecture (default: the config's); uresnet = U-ReSNet, under 40k parameters")
     train.add_argument("--config", required=True, help="JSON training config (see configs/)")
-    train.add_argument("--data", required=True, help="dataset folder from `jointregseg data build` (for --strategy "
-                       "synth: a folder where the label-map sources are cached, built on first use)")
+    train.add_argument("--data", required=True, help="data set folder from `jointregseg data import` (your own "
+                       "scans) or `jointregseg data build` (the offline atlases); for --strategy synth or affine "
+                       "also a folder where the offline label-map sources are cached (built on first use)")
     train.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     train.add_argument("--init", default=None, help="fine-tune from this checkpoint")
     train.add_argument("--device", default="auto")

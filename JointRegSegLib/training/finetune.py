@@ -12,16 +12,13 @@ cases are kept out of training and measure the model before and after.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
 from ..models.card import read_card
 from ..core.errors import JointRegSegError
-from ..core.geometry import resample, working_grid
+from ..core.geometry import working_grid
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 LABEL_SUFFIX = "_labels"
@@ -62,38 +59,27 @@ def list_cases(folder, need_labels: bool) -> dict[str, tuple[Path, Path | None]]
 
 
 def prepare_dataset(card: dict, labelled: dict, unlabelled: dict, holdout: int, out_dir: Path) -> dict:
-    """Write a few-shot dataset (dataset.json format) on the model's working grid; returns its manifest."""
-    from ..inference.affine import affine_prealign
-    from ..data.build import DEFAULT_GRID
+    """Write the cases as a data set (data/dataset_format.py) on the model's working grid, as `data import`
+    writes one (its label-map checks, its alignment to the first labelled case); returns the manifest."""
+    from ..core.geometry import canonical_storage
+    from ..data.dataset_format import IDENTITY, load_manifest, write_manifest
+    from ..data.importer import Scan, check_label_map, import_scan
+    from ..io.imageio import read_image
     names = list(labelled)
     held = names[len(names) - holdout:] if holdout else []
-    reference_image = sitk.ReadImage(str(labelled[names[0]][0]), sitk.sitkFloat32)
-    grid = working_grid(reference_image, card)
-    spec = card["working_grid"]
-    (out_dir / "images").mkdir(parents=True)
-    (out_dir / "labels").mkdir()
+    scans = [Scan(name, image, labels) for name, (image, labels) in {**labelled, **unlabelled}.items()]
     values = {int(e["value"]) for e in card["labels"]}
-    items = []
-    for name, (image_path, label_path) in {**labelled, **unlabelled}.items():
-        image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
-        affine = None if name == names[0] else affine_prealign(image, reference_image)
-        sitk.WriteImage(resample(image, grid, affine), str(out_dir / "images" / f"{name}.nii.gz"))
-        entry = {"name": name, "image": f"images/{name}.nii.gz", "labels": None, "labelled": False,
-                 "split": "val" if name in held else "train", "source": str(image_path), "synthetic": False}
-        if label_path is not None:
-            labels = sitk.ReadImage(str(label_path))
-            if labels.GetSize() != image.GetSize():
-                raise JointRegSegError(f"{label_path}: labels {labels.GetSize()} are not on the image's grid "
-                                       f"{image.GetSize()}")
-            unknown = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - values
-            if unknown:
-                raise JointRegSegError(f"{label_path}: label values {sorted(unknown)} are not in the model's label "
-                                       f"table {sorted(values)}")
-            labels.CopyInformation(image)
-            sitk.WriteImage(resample(labels, grid, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
-                            str(out_dir / "labels" / f"{name}.nii.gz"))
-            entry.update(labels=f"labels/{name}.nii.gz", labelled=name not in held)
-        items.append(entry)
+    for scan in scans:
+        if scan.labels is not None:
+            check_label_map(scan, values, "of the model")
+    reference = canonical_storage(read_image(labelled[names[0]][0], f"image {names[0]}"))
+    grid = working_grid(reference, card)
+    spec = card["working_grid"]
+    out_dir.mkdir(parents=True)
+    (out_dir / "images").mkdir()
+    (out_dir / "labels").mkdir()
+    items = [import_scan(scan, names[0], reference, grid, out_dir, "val" if scan.name in held else "train")
+             for scan in scans]
     train_labelled = [n for n in names if n not in held]
     # validation: each held-out case as the fixed image of a pair from a training case; without a
     # held-out case, the training cases themselves (then the numbers say how well it fits them)
@@ -102,15 +88,13 @@ def prepare_dataset(card: dict, labelled: dict, unlabelled: dict, holdout: int, 
     for i, target in enumerate(targets):
         others = [n for n in train_labelled if n != target] or [target]
         pairs.append({"moving": others[i % len(others)], "fixed": target})
-    manifest = {"format": "jointregseg-dataset", "version": 1, "seed": 0,
-                "working_grid": {"size": spec["size"], "spacing": spec["spacing"],
-                                 "direction": spec.get("direction", DEFAULT_GRID["direction"])},
-                "label_table": card["labels"], "modality": card.get("modality", "unknown"), "items": items,
-                "validation_pairs": pairs, "held_out": held,
-                "sources": [{"name": "annotator corrections", "labelled": names, "unlabelled": list(unlabelled)}],
-                "notes": "fine-tuning set from corrected segmentations"}
-    (out_dir / "dataset.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return manifest
+    write_manifest(out_dir, items, len(train_labelled), validation_pairs=pairs, seed=0,
+                   working_grid={"size": spec["size"], "spacing": spec["spacing"],
+                                 "direction": spec.get("direction", list(IDENTITY))},
+                   label_table=card["labels"], modality=card.get("modality", "unknown"), held_out=held,
+                   sources=[{"name": "annotator corrections", "labelled": names, "unlabelled": list(unlabelled)}],
+                   notes="fine-tuning set from corrected segmentations")
+    return load_manifest(out_dir)
 
 
 def finetune(init, labelled_dir, out_path, unlabelled_dir=None, holdout: int | None = None, config: dict | None = None,

@@ -35,8 +35,6 @@ where the papers train ~10^5 steps on GPUs; the label maps are the offline ones 
 from __future__ import annotations
 
 import copy
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,69 +42,26 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
-from ..inference.affine_torch import fit_affine, warp_with_theta
-from ..models.networks import cascade_velocity
-from ..models.checkpoint import load_model, new_model, save_model
-from ..core.device import resolve_device
-from ..core.intensity import normalize
-from ..core.progress import Reporter
-from .partial_labels import partial_label_loss
-from .training_log import open_training_log
-from ..data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid
-from ..data.label_table import LABEL_TABLE
+from ...core.intensity import normalize
+from ...data.generator import BrainSynthesizer, SynthesisSettings, mapping_error_mm, sampling_grid
+from ...data.label_table import LABEL_TABLE
+from ...data.source_cache import load_sources
+from ...inference.affine_torch import fit_affine, warp_with_theta
+from ...models.checkpoint import load_model, new_model
+from ...models.networks import cascade_velocity
+from ..partial_labels import partial_label_loss
+from .base import Strategy
 
 TRAIN_AFFINE_SCHEDULE = ((4, 40), (2, 20))
-
-
-def load_sources(data_dir: Path, kind: str = "subcortical"):
-    """Training sources from `data_dir/sources.npz` (built from the offline packages on first use).
-    `kind`: "subcortical" (the 7-structure table, `atlas_sources`) or "whole-brain" (partial labels,
-    brain masks and the ITK head, `wholebrain_sources`)."""
-    from ..data import atlas_sources, wholebrain_sources
-    if kind not in ("subcortical", "whole-brain"):
-        raise ValueError(f"sources {kind!r}: choose 'subcortical' or 'whole-brain'")
-    data_dir = Path(data_dir)
-    path = data_dir / "sources.npz"
-    meta_path = data_dir / "sources.json"
-    if not path.is_file():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        sources = (wholebrain_sources if kind == "whole-brain" else atlas_sources).training_sources()
-        arrays = {}
-        for s in sources:
-            for key in ("generation", "target", "image", "brain"):
-                if getattr(s, key, None) is not None:
-                    arrays[f"{s.name}/{key}"] = getattr(s, key)
-        tmp = data_dir / "sources.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
-        meta = [{"name": s.name, "provenance": s.provenance, "licence": s.licence,
-                 "has_target": s.target is not None, "has_image": s.image is not None,
-                 **({"known": list(s.known), "head": s.head} if kind == "whole-brain" else {})} for s in sources]
-        meta_path.write_text(json.dumps({"grid": atlas_sources.COMMON_GRID, "kind": kind, "sources": meta}, indent=2),
-                             encoding="utf-8")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("kind", "subcortical") != kind:
-        raise ValueError(f"{data_dir} holds {meta.get('kind', 'subcortical')} sources, not {kind}: use another --data folder")
-    arrays = np.load(path)
-    sources = []
-    for m in meta["sources"]:
-        get = lambda key: arrays[f"{m['name']}/{key}"] if f"{m['name']}/{key}" in arrays else None
-        common = (m["name"], get("generation"), get("target"), get("image"), m["provenance"], m["licence"])
-        if kind == "whole-brain":
-            sources.append(wholebrain_sources.PartialSource(*common, known=tuple(m["known"]), brain=get("brain"),
-                                                            head=m["head"]))
-        else:
-            sources.append(atlas_sources.SynthSource(*common))
-    return sources, meta
 
 
 def synth_card(config: dict, meta: dict) -> dict:
     return {
         "name": config["name"], "description": config.get("description", ""),
-        "architecture": config["architecture"], "labels": copy.deepcopy(LABEL_TABLE),
+        "architecture": config["architecture"], "labels": copy.deepcopy(meta.get("label_table", LABEL_TABLE)),
         "modality": config.get("modality", "MR brain-extracted (contrast-agnostic training, T1 tested)"),
         "intensity": config["intensity"],
-        "working_grid": {**config["working_grid"], "center": "mass"},
+        "working_grid": {**(config.get("working_grid") or meta["grid"]), "center": "mass"},
         "prealignment": {"kind": "torch-mi", "schedule": [list(s) for s in config.get("affine_schedule",
                                                                                      [[4, 80], [2, 60], [1, 30]])]},
         "segment_foreground_only": True,
@@ -124,7 +79,7 @@ def relabelled_model(parent, config: dict):
     ("whole-brain": `WHOLE_BRAIN_TABLE`): the registration, affine and every segmentation weight whose shape
     still fits are kept (the last layer, one channel per class, starts afresh); the card keeps the parent's
     pre-alignment and inference settings and says what changed."""
-    from ..data.label_table import WHOLE_BRAIN_TABLE
+    from ...data.label_table import WHOLE_BRAIN_TABLE
     if config.get("labels") != "whole-brain":
         raise ValueError("a segmentation-only run needs \"labels\": \"whole-brain\" in its config")
     card = copy.deepcopy(parent.card)
@@ -247,86 +202,140 @@ def flow_error_mm(fixed, moving_subject, theta, ddf_low, pool: int, spacing_mm: 
     return error[brain].mean()
 
 
-def train_synth(config: dict, data_dir, out_path, init=None, device="auto", progress=None, cancel=None) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    reporter = Reporter(progress, cancel)
-    seed = int(config.get("seed", 0))
-    torch.manual_seed(seed)
-    segmentation_only = config.get("parts", ["registration", "segmentation"]) == ["segmentation"]
-    sources, meta = load_sources(Path(data_dir), config.get("sources", "subcortical"))
-    settings = SynthesisSettings(**config.get("synthesis", {}))
-    if segmentation_only:
-        from ..data.head_layers import HeadSettings, HeadSynthesizer
-        synthesizer = HeadSynthesizer(sources, settings, dev, HeadSettings(**config.get("head", {})))
-    else:
-        synthesizer = BrainSynthesizer(sources, settings, dev)
-    pairs = SynthPairs(synthesizer, config["intensity"], tuple(tuple(s) for s in config.get(
-        "train_affine_schedule", TRAIN_AFFINE_SCHEDULE)), same_contrast_probability=config.get(
-        "same_contrast_probability", 0.7), same_anatomy_probability=config.get("same_anatomy_probability", 0.0))
+class SynthData:
+    """What a synthetic run trains from: label-map sources and their record. From a `--data` folder of
+    offline sources (`sources.npz`, built on first use) or from a data set (`dataset.json`, `data build` /
+    `data import`): then every labelled training image is a source (its label map drives the synthesis, its
+    image is the real one) and `fewshot` holds the data set for validation."""
 
-    partial = out_path.with_suffix(".partial.safetensors")
-    state_path = out_path.with_suffix(".state.json")
-    start = 0
-    if partial.is_file() and state_path.is_file():
-        model = load_model(partial, dev)
-        start = json.loads(state_path.read_text(encoding="utf-8"))["next_step"]
-    elif init is not None and segmentation_only:
-        model = relabelled_model(load_model(init, dev), config)
-    elif init is not None:
-        model = load_model(init, dev)
-    else:
-        model = new_model(synth_card(config, meta), seed=seed)
-    net = model.network.to(dev).train()
-    weights = {"dice": 1.0, "smooth": 1.0, "segmentation": 1.0, "image": 0.0, "flow": 0.0, **config.get("weights", {})}
-    lr = config.get("lr", 1e-3)
-    optimizer = torch.optim.Adam(_parameter_groups(net, segmentation_only, lr, config), lr=lr)
-    steps = int(config["steps"])
-    train_passes = int(config.get("train_passes", 1))
-    flow_pairs = config.get("flow_pairs", "all")
-    if flow_pairs not in ("all", "same_anatomy"):
-        raise ValueError(f"flow_pairs {flow_pairs!r}: must be 'all' or 'same_anatomy'")
-    if train_passes < 1:
-        raise ValueError(f"train_passes {train_passes}: must be at least 1")
-    dice_fn = DiceLoss(include_background=False, reduction="mean")
-    smooth_fn = DiffusionLoss()
-    image_fn = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5, kernel_type="rectangular")
-    seg_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-    log_path = out_path.with_suffix(".log.csv")
-    log, writer = open_training_log(log_path, start)
-    rng = np.random.default_rng(seed * 1_000_003 + start)
-    began = time.perf_counter()
+    def __init__(self, sources: list, meta: dict, fewshot=None):
+        self.sources, self.meta, self.fewshot = sources, meta, fewshot
 
-    def checkpoint(step: int) -> None:
-        reporter.update("train synth", (step + 1) / steps)
-        if (step + 1) % int(config.get("checkpoint_every", 50)) == 0 or step + 1 == steps:
-            log.flush()
-            save_model(model, partial)
-            state_path.write_text(json.dumps({"next_step": step + 1, "of": steps}), encoding="utf-8")
+    @classmethod
+    def from_dataset(cls, data_dir, intensity: dict, device) -> "SynthData":
+        from ...data.atlas_sources import SynthSource
+        from ..dataset import load_fewshot
+        fewshot = load_fewshot(data_dir, intensity, device)
+        sources = []
+        for name in fewshot.labelled:
+            image = fewshot.images[name][0, 0].float().cpu().numpy()
+            labels = fewshot.labels[name][0, 0].cpu().numpy()
+            # each labelled structure and the rest of the foreground a generation label of their own
+            generation = np.where(labels > 0, labels + 1, image > 0.02).astype(np.int32)
+            sources.append(SynthSource(name, generation, labels.astype(np.uint8),
+                                       np.where(generation > 0, image, 0).astype(np.float32), str(data_dir), ""))
+        if not sources:
+            from ...core.errors import JointRegSegError
+            raise JointRegSegError(f"{data_dir}: no labelled training image; synthesis needs label maps")
+        meta = {"grid": fewshot.manifest["working_grid"], "label_table": fewshot.manifest["label_table"],
+                "sources": [{"name": name, "folder": str(data_dir)} for name in fewshot.labelled]}
+        return cls(sources, meta, fewshot)
 
-    try:
-        for step in range(start, steps):
-            for group in optimizer.param_groups:   # cosine decay to 10 % over the run
-                group["lr"] = group.get("lr_factor", 1.0) * lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
-            if segmentation_only:
-                # one subject a step, head or brain, any contrast: the segmentation (and brain mask) alone
-                subject = synthesizer.sample_head(rng)
-                terms = {"segmentation": partial_label_loss(net.segment(normalize(subject.image, config["intensity"])),
-                                                            subject.target, subject.brain, subject.known)}
-                loss = terms["segmentation"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                writer.writerow([step, f"{subject.source}{'+head' if subject.head else ''}", f"{float(loss.detach()):.5f}",
-                                 json.dumps({k: round(float(v.detach()), 5) for k, v in terms.items()}),
-                                 f"{time.perf_counter() - began:.1f}"])
-                checkpoint(step)
-                continue
-            fixed, fixed_image, moving, moving_subject, theta = pairs.pair(rng)
+
+class Synth(Strategy):
+    """SynthMorph registration + SynthSeg segmentation on label-driven synthetic subjects (module docstring)."""
+    name = "synth"
+    paper = "SynthMorph (Hoffmann et al., IEEE TMI 2022) + SynthSeg (Billot et al., MedIA 2023)"
+    checkpoint_every = 50
+
+    def __init__(self, config: dict, net, data: SynthData):
+        self.config, self.net, self.data = config, net, data
+        device = next(net.parameters()).device
+        self.segmentation_only = _segmentation_only(config)
+        settings = SynthesisSettings(**{**({"spacing_mm": float(min(data.meta["grid"]["spacing"]))}
+                                            if data.fewshot is not None else {}), **config.get("synthesis", {})})
+        if self.segmentation_only:
+            from ...data.head_layers import HeadSettings, HeadSynthesizer
+            self.synthesizer = HeadSynthesizer(data.sources, settings, device, HeadSettings(**config.get("head", {})))
+        else:
+            self.synthesizer = BrainSynthesizer(data.sources, settings, device)
+        self.pairs = SynthPairs(self.synthesizer, config["intensity"], tuple(tuple(s) for s in config.get(
+            "train_affine_schedule", TRAIN_AFFINE_SCHEDULE)), same_contrast_probability=config.get(
+            "same_contrast_probability", 0.7), same_anatomy_probability=config.get("same_anatomy_probability", 0.0))
+        self.w = {"dice": 1.0, "smooth": 1.0, "segmentation": 1.0, "image": 0.0, "flow": 0.0, **config.get("weights", {})}
+        self.lr = config.get("lr", 1e-3)
+        self.train_passes = int(config.get("train_passes", 1))
+        self.flow_pairs = config.get("flow_pairs", "all")
+        if self.flow_pairs not in ("all", "same_anatomy"):
+            raise ValueError(f"flow_pairs {self.flow_pairs!r}: must be 'all' or 'same_anatomy'")
+        if self.train_passes < 1:
+            raise ValueError(f"train_passes {self.train_passes}: must be at least 1")
+        self.dice = DiceLoss(include_background=False, reduction="mean")
+        self.smooth = DiffusionLoss()
+        self.image_similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5, kernel_type="rectangular")
+        self.segmentation_loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+
+    # --- what the loop asks -------------------------------------------------------------------
+    @classmethod
+    def load_data(cls, config: dict, data_dir, device) -> SynthData:
+        if (Path(data_dir) / "dataset.json").is_file():
+            return SynthData.from_dataset(data_dir, config["intensity"], device)
+        return SynthData(*load_sources(data_dir, config.get("sources", "subcortical")))
+
+    @classmethod
+    def build_model(cls, config: dict, data: SynthData, init, device, seed: int):
+        if init is not None and _segmentation_only(config):
+            return relabelled_model(load_model(init, device), config)
+        if init is not None:
+            return load_model(init, device)
+        return new_model(synth_card(config, data.meta), seed=seed)
+
+    def plan(self) -> list:
+        return [("synth", i) for i in range(int(self.config["steps"]))]
+
+    def make_rng(self, seed: int, start: int, rank: int):
+        return np.random.default_rng(seed * 1_000_003 + start + 7_919 * rank)
+
+    def optimizers(self) -> dict:
+        return {"synth": torch.optim.Adam(_parameter_groups(self.net, self.segmentation_only, self.lr, self.config),
+                                          lr=self.lr)}
+
+    def before_step(self, step: int, total: int, optimizers: dict, rng) -> None:
+        for group in optimizers["synth"].param_groups:   # cosine decay to 10 % over the run
+            group["lr"] = group.get("lr_factor", 1.0) * self.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / total)))
+
+    def updates(self, phase: str, index: int, rng) -> list:
+        if self.segmentation_only:
+            return [self._segmentation_update(rng)]
+        return [self._pair_update(index, rng)]
+
+    def finish(self, model, data_dir, record: dict) -> None:
+        model.card["training"] = {**record, "implements": " ".join((__doc__ or "").split()),
+                                  "steps": int(self.config["steps"])}
+        if self.data.fewshot is not None:
+            from ...evaluation.validation import evaluate_pairs
+            model.card["data"] = {"folder": str(data_dir), "sources": self.data.meta["sources"],
+                                  "grid": self.data.meta["grid"]}
+            if self.data.fewshot.manifest.get("validation_pairs"):
+                model.card["metrics"] = evaluate_pairs(model, self.data.fewshot)
+            return
+        model.card["data"] = {"sources": self.data.meta["sources"], "held_out": "Colin27 (ch2bet + AAL, Debian "
+                              "mricron-data): no image or label map of it was used in training",
+                              "grid": self.data.meta["grid"]}
+        if self.config.get("heldout_metrics", True):
+            from ...evaluation.validation import heldout_synthetic_metrics
+            model.card["metrics"] = heldout_synthetic_metrics(model, pairs=int(self.config.get("heldout_pairs", 6)))
+
+    # --- the two kinds of step ----------------------------------------------------------------
+    def _segmentation_update(self, rng):
+        """One subject a step, head or brain, any contrast: the segmentation (and brain mask) alone."""
+        subject = self.synthesizer.sample_head(rng)
+        image = normalize(subject.image, self.config["intensity"])
+
+        def compute():
+            loss = partial_label_loss(self.net.segment(image), subject.target, subject.brain, subject.known)
+            return {"loss": loss, "segmentation": loss}
+        return "synth", f"{subject.source}{'+head' if subject.head else ''}", compute
+
+    def _pair_update(self, index: int, rng):
+        fixed, fixed_image, moving, moving_subject, theta = self.pairs.pair(rng)
+        same_contrast, same_anatomy = self.pairs.same_contrast, self.pairs.same_anatomy
+        net, w = self.net, self.w
+
+        def compute():
             # the same recursive cascade as inference (card `inference.passes`), trained end to end on its
             # composed flow: each later pass learns the residual the earlier ones leave, not a fresh pair
-            velocity = cascade_velocity(net, moving["image"], fixed_image, train_passes)
+            velocity = cascade_velocity(net, moving["image"], fixed_image, self.train_passes)
             # the label loss at the velocity's (half) resolution: soft one-hots average-pooled, warped by the
             # half-resolution displacement the network integrates anyway (8x cheaper than at full size)
             ddf_low = net.integrator.integrate_low(velocity)
@@ -334,41 +343,23 @@ def train_synth(config: dict, data_dir, out_path, init=None, device="auto", prog
             pool = net.integrator.downsample
             moving_soft = F.avg_pool3d(onehot(moving["generation"], generation_classes), pool)
             fixed_soft = F.avg_pool3d(onehot(fixed.generation, generation_classes), pool)
-            terms = {"dice": dice_fn(net.warp(moving_soft, ddf_low), fixed_soft), "smooth": smooth_fn(ddf_low)}
-            if pairs.same_contrast and weights.get("image", 0) > 0:
+            terms = {"dice": self.dice(net.warp(moving_soft, ddf_low), fixed_soft), "smooth": self.smooth(ddf_low)}
+            if same_contrast and w.get("image", 0) > 0:
                 # dense image term where the contrasts agree (label Dice alone only pulls at label edges)
                 moving_half, fixed_half = F.avg_pool3d(moving["image"], pool), F.avg_pool3d(fixed_image, pool)
-                terms["image"] = image_fn(net.warp(moving_half, ddf_low), fixed_half)
+                terms["image"] = self.image_similarity(net.warp(moving_half, ddf_low), fixed_half)
+            if w.get("flow", 0) > 0 and (self.flow_pairs == "all" or same_anatomy):
+                terms["flow"] = flow_error_mm(fixed, moving_subject, theta, ddf_low, pool,
+                                              self.synthesizer.settings.spacing_mm)
             # segmentation on one image per step (the fixed one when it has labels), alternating otherwise
             candidates = [(img, tgt) for img, tgt in ((fixed_image, fixed.target), (moving["image"], moving["target"]))
                           if tgt is not None]
-            if weights.get("flow", 0) > 0 and (flow_pairs == "all" or pairs.same_anatomy):
-                terms["flow"] = flow_error_mm(fixed, moving_subject, theta, ddf_low, pool,
-                                              synthesizer.settings.spacing_mm)
             if candidates:
-                image, target = candidates[step % len(candidates)]
-                terms["segmentation"] = seg_fn(net.segment(image), target)
-            loss = sum(weights[k] * v for k, v in terms.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            writer.writerow([step, fixed.source, f"{float(loss.detach()):.5f}",
-                             json.dumps({k: round(float(v.detach()), 5) for k, v in terms.items()}),
-                             f"{time.perf_counter() - began:.1f}"])
-            checkpoint(step)
-    finally:
-        log.close()
-    net.eval()
-    model.card["training"] = {
-        "strategy": "synth", "config": copy.deepcopy(config),
-        "paper": "SynthMorph (Hoffmann et al., IEEE TMI 2022) + SynthSeg (Billot et al., MedIA 2023)",
-        "implements": " ".join((__doc__ or "").split()), "steps": steps, "device": str(dev),
-        "seconds_last_run": round(time.perf_counter() - began, 1),
-    }
-    model.card["data"] = {"sources": meta["sources"], "held_out": "Colin27 (ch2bet + AAL, Debian mricron-data): "
-                          "no image or label map of it was used in training", "grid": meta["grid"]}
-    if config.get("heldout_metrics", True):
-        from .synth_eval import heldout_synthetic_metrics
-        model.card["metrics"] = heldout_synthetic_metrics(model, pairs=int(config.get("heldout_pairs", 6)))
-    save_model(model, out_path)
-    return out_path
+                image, target = candidates[index % len(candidates)]
+                terms["segmentation"] = self.segmentation_loss(net.segment(image), target)
+            return {"loss": sum(w[k] * v for k, v in terms.items()), **terms}
+        return "synth", fixed.source, compute
+
+
+def _segmentation_only(config: dict) -> bool:
+    return config.get("parts", ["registration", "segmentation"]) == ["segmentation"]
