@@ -237,6 +237,9 @@ class Synth(Strategy):
     name = "synth"
     paper = "SynthMorph (Hoffmann et al., IEEE TMI 2022) + SynthSeg (Billot et al., MedIA 2023)"
     checkpoint_every = 50
+    # label Dice and smoothness (SynthMorph), segmentation (SynthSeg); LNCC on same-contrast pairs and the
+    # supervised end-point error are off unless a config weighs them
+    weights = {"dice": 1.0, "smooth": 1.0, "segmentation": 1.0, "image": 0.0, "flow": 0.0}
 
     def __init__(self, config: dict, net, data: SynthData):
         self.config, self.net, self.data = config, net, data
@@ -252,7 +255,7 @@ class Synth(Strategy):
         self.pairs = SynthPairs(self.synthesizer, config["intensity"], tuple(tuple(s) for s in config.get(
             "train_affine_schedule", TRAIN_AFFINE_SCHEDULE)), same_contrast_probability=config.get(
             "same_contrast_probability", 0.7), same_anatomy_probability=config.get("same_anatomy_probability", 0.0))
-        self.w = {"dice": 1.0, "smooth": 1.0, "segmentation": 1.0, "image": 0.0, "flow": 0.0, **config.get("weights", {})}
+        self.w = {**self.weights, **config.get("weights", {})}
         self.lr = config.get("lr", 1e-3)
         self.train_passes = int(config.get("train_passes", 1))
         self.flow_pairs = config.get("flow_pairs", "all")
