@@ -89,6 +89,12 @@ def test_jacobian_colour_range_is_honest_and_edges_adapt(tmp_path, tiny_model):
     fig = build_figure(result, fixed)
     jac = fig.axes[5].images[-1]
     assert jac.norm.vmax >= 4.7
+    # the colour bar shows the range: a colour ramp, 1.00 at its middle, its ends at its ends (matplotlib's
+    # own bar for this norm came out empty with every tick at its foot)
+    bar = fig.axes[-1]
+    assert bar.images and bar.images[0].get_array().size >= 256
+    positions = {label.get_text(): tick for label, tick in zip(bar.get_yticklabels(), bar.get_yticks())}
+    assert positions["1.00"] == 0.5 and positions["4.70"] == 1.0 and 0.5 < positions["2.85"] < 1.0
     # the edge panel finds edges at any intensity scale (fixed thresholds found none on a 0-1 image)
     scaled = sitk.Cast(fixed, sitk.sitkFloat32) / 1000.0
     fig = build_figure(result, scaled)

@@ -145,6 +145,20 @@ def _markers(ax, view: str, shape) -> None:
     ax.text(width / 2, 0.96 * height, bottom, **style)
 
 
+def _det_colour_bar(axis, norm, det_low: float, det_high: float) -> None:
+    """The det J colour bar drawn as an image of the norm's 0..1 range, ticks placed through the norm
+    (matplotlib's own colour bar for a TwoSlopeNorm came out empty, every tick at its foot)."""
+    axis.imshow(np.linspace(0, 1, 256)[:, None], cmap="RdBu_r", aspect="auto", origin="lower", extent=(0, 1, 0, 1),
+                alpha=0.75)
+    ticks = _det_ticks(norm.vmin, norm.vmax)
+    axis.set_xticks([])
+    axis.yaxis.tick_right()
+    axis.yaxis.set_label_position("right")
+    axis.set_yticks([min(1.0, max(0.0, float(norm(t)))) for t in ticks], [f"{t:.2f}" for t in ticks], fontsize=7)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel(f"det J (min {det_low:.2f}, max {det_high:.2f}; <= 0 outlined green)", fontsize=8)
+
+
 def build_figure(result, fixed: sitk.Image):
     """The QC overview as a matplotlib Figure (rows: axial, coronal, sagittal; six columns)."""
     import matplotlib
@@ -195,8 +209,8 @@ def build_figure(result, fixed: sitk.Image):
         panels[4].imshow(np.ma.masked_where(~edges, edges.astype(float)), cmap=ListedColormap(["red"]),
                          vmin=0, vmax=1, interpolation="nearest")
         panels[5].imshow(f, **gray)
-        shown = panels[5].imshow(np.ma.masked_where(~anatomy, det), cmap="RdBu_r", norm=norm, alpha=0.75,
-                                 interpolation="nearest")
+        panels[5].imshow(np.ma.masked_where(~anatomy, det), cmap="RdBu_r", norm=norm, alpha=0.75,
+                         interpolation="nearest")
         folded = anatomy & (det <= 0)
         if folded.any():
             panels[5].contour(folded.astype(float), levels=[0.5], colors=["lime"], linewidths=1.0)
@@ -207,18 +221,18 @@ def build_figure(result, fixed: sitk.Image):
             if row == 0:
                 ax.set_title(titles[col], fontsize=9, wrap=True)
         panels[0].set_ylabel(view, fontsize=11, fontweight="bold")
-    bar_axis = fig.add_axes([0.945, 0.3, 0.012, 0.45])
-    bar = fig.colorbar(shown, cax=bar_axis)
-    bar.set_ticks(_det_ticks(min(det_low, 1.0 - 1e-3), max(det_high, 1.0 + 1e-3)))
-    bar.set_label(f"det J (min {det_low:.2f}, max {det_high:.2f}; <= 0 outlined green)", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    _det_colour_bar(fig.add_axes([0.945, 0.3, 0.012, 0.45]), norm, det_low, det_high)
     present = set(np.unique(sitk.GetArrayViewFromImage(result.fixed_segmentation))) | \
         set(np.unique(sitk.GetArrayViewFromImage(result.warped_moving_segmentation)))
     handles = [Patch(facecolor=e["color"], edgecolor=e["color"],
                      label=e["name"] + (" (outline)" if int(e["value"]) in large else ""))
                for e in table if e["value"] and int(e["value"]) in {int(v) for v in present}]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False,
+        columns = min(len(handles), 7)
+        rows = -(-len(handles) // columns)
+        # room below the images for every row of the legend and its title (28 structures: 4 rows)
+        fig.subplots_adjust(bottom=max(0.1, 0.04 + 0.022 * rows))
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9, frameon=False,
                    title="structures", title_fontsize=9)
     fig.suptitle(f"JointRegSeg QC - model {qc['model']} - folding {qc['folding_percent']:.4f}% - det J "
                  f"[{det_low:.2f}, {det_high:.2f}] - {qc['timing_s']['total']:.1f} s on {qc['device']}\n"
