@@ -629,24 +629,24 @@ MUTATIONS = [
     ("deepatlas-anatomy", "deepatlas", "training/strategies/deepatlas.py",
      "with torch.no_grad():\n            return torch.softmax(", "if True:\n            return torch.softmax("),
     # U-ReSNet: composition order (networks.py) and inference through the pipeline
-    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "networks.py",
+    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "models/networks.py",
      "moved = grid + elastic_ddf", "moved = grid"),
-    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "networks.py",   # u after A: A x + u(x)
+    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "models/networks.py",   # u after A: A x + u(x)
      "moved = grid + elastic_ddf\n        sampled = torch.einsum(\"bij,bj...->bi...\", matrix[:, :, :3], moved)",
      "moved = grid\n        sampled = elastic_ddf + torch.einsum(\"bij,bj...->bi...\", matrix[:, :, :3], moved)"),
-    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "networks.py",
+    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "models/networks.py",
      '"bij,bj...->bi..."', '"bji,bj...->bi..."'),
-    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "networks.py",
+    ("uresnet-compose", "uresnet_composes or uresnet_pipeline", "models/networks.py",
      "+ matrix[:, :, 3, None, None, None]", "- matrix[:, :, 3, None, None, None]"),
-    ("uresnet-inference", "uresnet_pipeline", "networks.py",
+    ("uresnet-inference", "uresnet_pipeline", "models/networks.py",
      "self.output = VelocityIntegrator(0, 1)", "self.output = VelocityIntegrator(0, 2)"),
-    ("uresnet-inference", "uresnet_pipeline", "networks.py",
+    ("uresnet-inference", "uresnet_pipeline", "models/networks.py",
      "return self.output(velocity_low, full_shape)", "return self.integrator(velocity_low, full_shape)"),
-    ("uresnet-inference", "uresnet_pipeline", "pipeline.py",
+    ("uresnet-inference", "uresnet_pipeline", "inference/pipeline.py",
      "velocity = cascade_velocity(network, moving_r, fixed_r, network_passes)",
      "velocity = cascade_velocity(network, moving_r, fixed_r, network_passes)\n"
      "                velocity = torch.nn.functional.avg_pool3d(velocity, 3, 1, 1)"),
-    ("uresnet-inference", "uresnet_pipeline", "geometry.py",
+    ("uresnet-inference", "uresnet_pipeline", "core/geometry.py",
      "xyz = np.stack([ddf_voxels[2], ddf_voxels[1], ddf_voxels[0]], axis=-1)",
      "xyz = np.stack([ddf_voxels[0], ddf_voxels[1], ddf_voxels[2]], axis=-1)"),
     # U-ReSNet and PC-Reg-RT weights
