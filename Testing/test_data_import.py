@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import rotation
 
 from JointRegSegLib.cli import main
 from JointRegSegLib.core.geometry import make_grid, physical_points
@@ -24,14 +25,6 @@ STRUCTURES = [(1, (-11.0, 2.0, 0.0), (8.0, 7.0, 7.0), 90.0),
               (3, (0.0, -12.0, 7.0), (6.0, 6.0, 8.0), 120.0)]
 TABLE = [("1", "left blob", "#e64d1a"), ("2", "right blob", "0.1 0.6 0.9"), ("3", "lower blob", "")]
 PERMUTED = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-
-
-def rotation(degrees) -> np.ndarray:
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 # name: (how the file stores its axes, spacing, size, where the anatomy lies: rotation deg, centre mm, format,
