@@ -96,3 +96,16 @@ def test_the_learned_affine_resumes_after_a_stop_and_writes_its_loss_curve(tmp_p
     assert not out.with_suffix(".partial.safetensors").exists()
     trained = load_model(out)
     assert trained.card["prealignment"]["learned_affine"]["trained_from"] == "base.safetensors"
+
+
+def test_a_registration_only_run_keeps_every_other_weight(tmp_path, phantom_sources):
+    """`parts: ["registration"]`: the registration network trains; the segmentation (and its label table) stay
+    the `--init` model's bit for bit."""
+    from test_synthesis import _tiny_synth_config
+    first = load_model(train(_tiny_synth_config(steps=1), phantom_sources, tmp_path / "first.safetensors"))
+    again = load_model(train(_tiny_synth_config(steps=2, parts=["registration"]), phantom_sources,
+                             tmp_path / "again.safetensors", init=tmp_path / "first.safetensors"))
+    before, after = first.network.state_dict(), again.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("registration."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("registration."))
+    assert again.card["labels"] == first.card["labels"]

@@ -20,6 +20,10 @@ end-point error in mm over the fixed brain; on every pair, or with `flow_pairs: 
 of one anatomy): SynthMorph trains on label overlap alone, which cannot see a shift inside a uniform
 structure and let the network add sub-millimetre deformation to pairs whose only difference is an affine.
 
+With `parts: ["registration"]` only the registration network trains (from `--init`, whose segmentation,
+affine and card it keeps; no segmentation term): how a registration is re-trained under a segmentation
+that has a label table of its own.
+
 With `parts: ["segmentation"]` (and `labels`/`sources`: "whole-brain") only the segmentation network is
 trained, from a parent model (`--init`, `relabelled_model`) whose registration and affine it keeps: one
 synthetic subject a step, with a procedural head around the brain or without (`data/head_layers.py`, as
@@ -245,6 +249,7 @@ class Synth(Strategy):
         self.config, self.net, self.data = config, net, data
         device = next(net.parameters()).device
         self.segmentation_only = _segmentation_only(config)
+        self.registration_only = config.get("parts") == ["registration"]
         settings = SynthesisSettings(**{**({"spacing_mm": float(min(data.meta["grid"]["spacing"]))}
                                             if data.fewshot is not None else {}), **config.get("synthesis", {})})
         if self.segmentation_only:
@@ -290,6 +295,8 @@ class Synth(Strategy):
         return np.random.default_rng(seed * 1_000_003 + start + 7_919 * rank)
 
     def optimizers(self) -> dict:
+        if self.registration_only:
+            return {"synth": torch.optim.Adam(self.net.registration.parameters(), lr=self.lr)}
         return {"synth": torch.optim.Adam(_parameter_groups(self.net, self.segmentation_only, self.lr, self.config),
                                           lr=self.lr)}
 
@@ -357,7 +364,7 @@ class Synth(Strategy):
             # segmentation on one image per step (the fixed one when it has labels), alternating otherwise
             candidates = [(img, tgt) for img, tgt in ((fixed_image, fixed.target), (moving["image"], moving["target"]))
                           if tgt is not None]
-            if candidates:
+            if candidates and not self.registration_only:
                 image, target = candidates[index % len(candidates)]
                 terms["segmentation"] = self.segmentation_loss(net.segment(image), target)
             return {"loss": sum(w[k] * v for k, v in terms.items()), **terms}
