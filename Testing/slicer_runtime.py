@@ -7,11 +7,15 @@ import importlib.util
 import json
 import pathlib
 import sys
+import time
 import types
 import typing
 import unittest
 from pathlib import Path
 
+import numpy as np
+import pytest
+import SimpleITK as sitk
 import slicer
 import vtk
 
@@ -307,3 +311,50 @@ def import_module_file(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- what the tests of the module share: the scene, the module file, worker clean-up, a pair, a click ----
+
+@pytest.fixture
+def ctx():
+    return boot()
+
+
+@pytest.fixture
+def module(monkeypatch, ctx):
+    yield import_module_file(monkeypatch)
+    release_widgets()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_workers_after_module():
+    """Imported into a test module, it stops the shared warm workers that module started when it ends."""
+    yield
+    from JointRegSegLib.slicer.worker import stop_shared_workers
+    stop_shared_workers()
+
+
+def add_volume(image, name: str, node_class="vtkMRMLScalarVolumeNode"):
+    from JointRegSegLib.slicer.mrml import ijk_to_ras
+    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name,
+                                          nodeClassName=node_class)
+
+
+def add_pair(tag=""):
+    """The phantom pair as scalar volume nodes: moving on an oblique LPS grid, fixed shifted 2, -3, 1.5 mm."""
+    from conftest import grid_for, phantom_array, sample_on
+    moving = sample_on(grid_for("lps-oblique"), phantom_array)
+    fixed = sample_on(grid_for("axis-aligned"), phantom_array, lambda p: p + np.array([2.0, -3.0, 1.5]))
+    return add_volume(moving, f"moving{tag}"), add_volume(fixed, f"fixed{tag}")
+
+
+def drive(widget, timeout_s=900):
+    """Click Register & Segment and let the poll timer run until the job is over."""
+    widget.ui.applyButton.click()
+    assert widget.job is not None, widget.errors
+    deadline = time.time() + timeout_s
+    while widget.job is not None:
+        assert time.time() < deadline, "run did not finish"
+        widget.onPoll()
+        time.sleep(0.05)
+    assert not widget.errors, widget.errors

@@ -17,32 +17,10 @@ try:
 except ImportError as err:   # a failure, not a skip: `pip install -e .[test]` installs slicer-core
     raise ImportError(f"slicer-core is not installed ({err}); the Slicer module tests need it: "
                       "pip install 'slicer-core==5.13.31053.0' (or pip install -e .[test])") from err
-from slicer_runtime import MODULE_FILE, UI_FILE, boot, import_module_file  # noqa: E402
+from slicer_runtime import (MODULE_FILE, UI_FILE, add_volume, ctx, module,  # noqa: E402,F401
+                            stop_workers_after_module)
 
 from JointRegSegLib import Cancelled, CheckpointError, InputImageError, JointRegSegError  # noqa: E402
-from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
-
-
-@pytest.fixture
-def ctx():
-    return boot()
-
-
-@pytest.fixture
-def module(monkeypatch, ctx):
-    return import_module_file(monkeypatch)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_workers():
-    yield
-    from JointRegSegLib.slicer.worker import stop_shared_workers
-    stop_shared_workers()
-
-
-def add_volume(image: sitk.Image, name: str, node_class="vtkMRMLScalarVolumeNode"):
-    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name,
-                                          nodeClassName=node_class)
 
 
 @pytest.fixture

@@ -13,54 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
-from conftest import grid_for, phantom_array, sample_on
 
 import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
-from slicer_runtime import MODULE_FILE, boot, import_module_file, make_widget, release_widgets  # noqa: E402
+from slicer_runtime import (MODULE_FILE, add_pair, ctx, drive, import_module_file, make_widget,  # noqa: E402,F401
+                            module, stop_workers_after_module)
 
 from JointRegSegLib import InputImageError, read_card  # noqa: E402
 from JointRegSegLib.models.card import licence_text  # noqa: E402
-from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
 from JointRegSegLib.models.installed import default_model_path, installed_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def ctx():
-    return boot()
-
-
-@pytest.fixture
-def module(monkeypatch, ctx):
-    yield import_module_file(monkeypatch)
-    release_widgets()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_workers():
-    yield
-    from JointRegSegLib.slicer.worker import stop_shared_workers
-    stop_shared_workers()
-
-
-def add_pair(tag=""):
-    moving = sample_on(grid_for("lps-oblique"), phantom_array)
-    fixed = sample_on(grid_for("axis-aligned"), phantom_array, lambda p: p + np.array([2.0, -3.0, 1.5]))
-    return tuple(slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name)
-                 for image, name in ((moving, f"moving{tag}"), (fixed, f"fixed{tag}")))
-
-
-def drive(widget, timeout_s=900):
-    widget.ui.applyButton.click()
-    assert widget.job is not None, widget.errors
-    deadline = time.time() + timeout_s
-    while widget.job is not None:
-        assert time.time() < deadline, "run did not finish"
-        widget.onPoll()
-        time.sleep(0.05)
-    assert not widget.errors, widget.errors
 
 
 class FakeWorker:

@@ -15,30 +15,12 @@ import SimpleITK as sitk
 from conftest import TINY_CARD, grid_for, phantom_array, phantom_labels, sample_on
 
 import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
-from slicer_runtime import boot, import_module_file, make_widget, release_widgets  # noqa: E402
+from slicer_runtime import (add_pair, add_volume, ctx, drive, make_widget, module,  # noqa: E402,F401
+                            stop_workers_after_module)
 
 from JointRegSegLib import InputImageError, JointRegSegError  # noqa: E402
-from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def ctx():
-    return boot()
-
-
-@pytest.fixture
-def module(monkeypatch, ctx):
-    yield import_module_file(monkeypatch)
-    release_widgets()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_workers():
-    yield
-    from JointRegSegLib.slicer.worker import stop_shared_workers
-    stop_shared_workers()
 
 
 @pytest.fixture
@@ -46,16 +28,6 @@ def user_models(tmp_path, monkeypatch):
     folder = tmp_path / "user models"
     monkeypatch.setenv("JOINTREGSEG_USER_MODELS", str(folder))
     return folder
-
-
-def add_volume(image, name):
-    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name)
-
-
-def add_pair(tag=""):
-    moving = sample_on(grid_for("lps-oblique"), phantom_array)
-    fixed = sample_on(grid_for("axis-aligned"), phantom_array, lambda p: p + np.array([2.0, -3.0, 1.5]))
-    return add_volume(moving, f"moving{tag}"), add_volume(fixed, f"fixed{tag}")
 
 
 def census(scene) -> dict:
@@ -68,18 +40,6 @@ def census(scene) -> dict:
 
 def difference(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before) if after.get(k, 0) != before.get(k, 0)}
-
-
-def drive(widget, timeout_s=900):
-    """Click Register & Segment and let the poll timer run until the job is over."""
-    widget.ui.applyButton.click()
-    assert widget.job is not None, widget.errors
-    deadline = time.time() + timeout_s
-    while widget.job is not None:
-        assert time.time() < deadline, "run did not finish"
-        widget.onPoll()
-        time.sleep(0.05)
-    assert not widget.errors, widget.errors
 
 
 def segmentation_of(ctx, volume, array, names, name="guide"):

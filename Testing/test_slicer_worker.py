@@ -11,21 +11,11 @@ import SimpleITK as sitk
 from conftest import grid_for, phantom_array, sample_on
 
 import slicer  # noqa: E402  (slicer-core; a missing one fails collection)
-from slicer_runtime import boot, import_module_file  # noqa: E402
+from slicer_runtime import ctx, module  # noqa: E402,F401
 
 from JointRegSegLib import Cancelled, JointRegSegError  # noqa: E402
 from JointRegSegLib.slicer.mrml import ijk_to_ras  # noqa: E402
 from JointRegSegLib.slicer.worker import WarmWorker  # noqa: E402
-
-
-@pytest.fixture
-def ctx():
-    return boot()
-
-
-@pytest.fixture
-def module(monkeypatch, ctx):
-    return import_module_file(monkeypatch)
 
 
 @pytest.fixture
