@@ -42,6 +42,19 @@ class SynthSource:
     licence: str
 
 
+def real_image_source(name: str, image: np.ndarray, labels: np.ndarray | None, foreground_above: float,
+                      provenance: str = "", licence: str = "") -> SynthSource:
+    """A source made of one real image (z, y, x) and its label map (or None): each labelled structure and
+    the rest of the foreground (voxels above `foreground_above`) a generation label of their own, the image
+    kept there and 0 elsewhere; the label map is the target."""
+    foreground = image > foreground_above
+    generation = foreground.astype(np.int32) if labels is None else \
+        np.where(labels > 0, labels.astype(np.int32) + 1, foreground).astype(np.int32)
+    target = None if labels is None else labels.astype(np.uint8)
+    return SynthSource(name, generation, target, np.where(generation > 0, image, 0).astype(np.float32),
+                       provenance, licence)
+
+
 def common_grid() -> sitk.Image:
     spec = COMMON_GRID
     return make_grid(spec["size"], spec["spacing"], np.eye(3), np.array(spec["center_lps"]))

@@ -240,22 +240,18 @@ def synthesize(image, labels, grid, rng: np.random.Generator, deform: bool = Tru
     4 mm on a 40 mm control grid, both times `strength`) and its intensity changes (bias field, gamma,
     noise); `deform=False, strength=0` only resamples. Labels follow the image's deformation."""
     import SimpleITK as sitk
-    from .atlas_sources import SynthSource
+    from .atlas_sources import real_image_source
     on_grid = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     labels_on_grid = None if labels is None else sitk.Resample(labels, grid, sitk.Transform(),
                                                                  sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     if not deform and strength <= 0:
         return on_grid, labels_on_grid
-    array = sitk.GetArrayFromImage(on_grid)
-    label_array = None if labels_on_grid is None else sitk.GetArrayFromImage(labels_on_grid)
-    foreground = array > 0
-    generation = foreground.astype(np.int32) if label_array is None else \
-        np.where(label_array > 0, label_array.astype(np.int32) + 1, foreground)
+    source = real_image_source("subject", sitk.GetArrayFromImage(on_grid),
+                               None if labels_on_grid is None else sitk.GetArrayFromImage(labels_on_grid), 0.0)
     spacing = float(min(grid.GetSpacing()))
     half_extent_mm = min(n * s for n, s in zip(grid.GetSize(), grid.GetSpacing())) / 2
     settings = SynthesisSettings(**{**SUBJECT_SETTINGS, "spacing_mm": spacing,
                                     "shift_fraction": 5.0 / half_extent_mm})
-    source = SynthSource("subject", generation, label_array, np.where(generation > 0, array, 0).astype(np.float32), "", "")
     subject = BrainSynthesizer([source], settings).sample(rng, 0, strength=strength, deform=deform, use_real=True)
     out = sitk.GetImageFromArray(subject.image[0, 0].numpy().astype(np.float32))
     out.CopyInformation(grid)

@@ -78,22 +78,14 @@ class AugmentedData:
     validation images and labels kept for evaluation are never changed. Everything else is the data set's."""
 
     def __init__(self, data: FewShotData, settings, intensity: dict):
-        from ..data.atlas_sources import SynthSource
+        from ..data.atlas_sources import real_image_source
         from ..data.generator import BrainSynthesizer
         self.raw, self.intensity = data, intensity
         sources = []
         for name in data.train:
-            image = data.images[name][0, 0].float().cpu().numpy()
-            foreground = image > 0.02
             labels = data.labels.get(name)
-            if labels is None:
-                generation, target = foreground.astype(np.int32), None
-            else:
-                labels = labels[0, 0].cpu().numpy()
-                # the labelled structures and the rest of the foreground each a generation label of their own
-                generation = np.where(labels > 0, labels + 1, foreground).astype(np.int32)
-                target = labels.astype(np.uint8)
-            sources.append(SynthSource(name, generation, target, np.where(generation > 0, image, 0), "", ""))
+            sources.append(real_image_source(name, data.images[name][0, 0].float().cpu().numpy(),
+                                             None if labels is None else labels[0, 0].cpu().numpy(), 0.02))
         self.synthesizer = BrainSynthesizer(sources, settings, device=data.images[data.train[0]].device)
         self.index = {name: i for i, name in enumerate(data.train)}
         self.rng = np.random.default_rng(0)

@@ -217,17 +217,12 @@ class SynthData:
 
     @classmethod
     def from_dataset(cls, data_dir, intensity: dict, device) -> "SynthData":
-        from ...data.atlas_sources import SynthSource
+        from ...data.atlas_sources import real_image_source
         from ..dataset import load_fewshot
         fewshot = load_fewshot(data_dir, intensity, device)
-        sources = []
-        for name in fewshot.labelled:
-            image = fewshot.images[name][0, 0].float().cpu().numpy()
-            labels = fewshot.labels[name][0, 0].cpu().numpy()
-            # each labelled structure and the rest of the foreground a generation label of their own
-            generation = np.where(labels > 0, labels + 1, image > 0.02).astype(np.int32)
-            sources.append(SynthSource(name, generation, labels.astype(np.uint8),
-                                       np.where(generation > 0, image, 0).astype(np.float32), str(data_dir), ""))
+        sources = [real_image_source(name, fewshot.images[name][0, 0].float().cpu().numpy(),
+                                     fewshot.labels[name][0, 0].cpu().numpy(), 0.02, str(data_dir))
+                   for name in fewshot.labelled]
         if not sources:
             from ...core.errors import JointRegSegError
             raise JointRegSegError(f"{data_dir}: no labelled training image; synthesis needs label maps")
