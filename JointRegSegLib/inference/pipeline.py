@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .affine import affine_prealign
 from .brainmask import (full_resolution_mask, locate_brain, mask_image, masked, prealign_brains,
                         render_from_segmentation, rendering_intensities)
 from .affine_torch import prealign as prealign_torch
+from .contrast import contrast_map
 from .segfusion import joint_probabilities, lateral_axis, mirror_permutation, segment_probabilities
 from ..models.checkpoint import JointRegSegModel, load_model
 from ..core.device import resolve_device, run_with_cpu_fallback
@@ -81,6 +83,11 @@ class _Attempt:
     agreement_mean: float | None
     segmentation_mode: str        # the mode used: the card's, or "network" when the check failed
     brains: tuple | None          # two-class brain maps (fixed, moving) for the masks, when the card outputs them
+
+
+# what the registration network is shown: the images; renderings of both from their own segmentations; or
+# the images with one mapped into the other's contrast when their tissue contrasts differ (contrast.py)
+REGISTRATION_INPUTS = ("images", "segmentation", "contrast-matched")
 
 
 def _as_model(model, device) -> JointRegSegModel:
@@ -204,8 +211,28 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                                      "its results are not to be trusted")
 
     render_table = None
-    if card.get("registration_input", "images") == "segmentation":
+    registration_input = card.get("registration_input") or "images"
+    if registration_input not in REGISTRATION_INPUTS:
+        raise CheckpointError(f"model card: registration_input {registration_input!r} is not one of "
+                              f"{', '.join(REGISTRATION_INPUTS)}")
+    if registration_input == "contrast-matched" and not masking:
+        raise CheckpointError("model card: registration_input 'contrast-matched' needs brain_mask.registration "
+                              "'masked' (the contrasts are compared inside the brains the model finds)")
+    if registration_input == "segmentation":
         render_table = rendering_intensities(model.label_table)
+    # the images the registration sees: when their tissue contrasts differ, one in the other's contrast
+    for_registration, registration_locations, contrast_record = {"moving": moving, "fixed": fixed}, locations, None
+    if registration_input == "contrast-matched" and locations is not None:
+        with reporter.stage("match contrasts"):
+            mapping = contrast_map(locations["moving"], locations["fixed"], rendering_intensities(
+                model.label_table).numpy())
+            if mapping is not None:
+                contrast_record = mapping.record()
+                if mapping.applies:
+                    role = mapping.mapped_role
+                    for_registration[role] = mapping.apply(for_registration[role])
+                    registration_locations = {**locations, role: dataclasses.replace(
+                        locations[role], image=mapping.apply(locations[role].image))}
 
     def attempt(method: str | None, stage_name: str):
         """One registration (affine by `method`, then the network) and its self-check; nothing written."""
@@ -214,8 +241,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             with reporter.stage(stage_name) as stage:
                 # on canonically ordered copies: the result must not depend on how the files store their axes
                 if method == "torch" and locations is not None:
-                    affine_tx = prealign_brains(locations["moving"], locations["fixed"], card, torch_device,
-                                                model.network)
+                    affine_tx = prealign_brains(registration_locations["moving"], registration_locations["fixed"],
+                                                card, torch_device, model.network)
                 elif method == "torch":
                     affine_tx = prealign_torch(canonical_storage(moving), canonical_storage(fixed), card,
                                                torch_device, network=model.network)
@@ -223,8 +250,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
                     # the classical affine on full-resolution images (the brains only, when the card says so)
                     moving_c, fixed_c = moving, fixed
                     if locations is not None:
-                        moving_c = masked(moving, mask_image(locations["moving"]))
-                        fixed_c = masked(fixed, mask_image(locations["fixed"]))
+                        moving_c = masked(for_registration["moving"], mask_image(locations["moving"]))
+                        fixed_c = masked(for_registration["fixed"], mask_image(locations["fixed"]))
                     affine_tx = affine_prealign(canonical_storage(moving_c), canonical_storage(fixed_c),
                                                 on_iteration=lambda i: stage(min(i / 100.0, 0.99)))
         with reporter.stage("resample to working grid"):
@@ -233,8 +260,14 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             moving_w = resample(moving, grid, affine_tx, default=_background(moving))
             fixed_w_reg, moving_w_reg = fixed_w, moving_w
             if locations is not None:
-                fixed_w_reg = masked(fixed_w, mask_image(locations["fixed"]))
-                moving_w_reg = masked(moving_w, mask_image(locations["moving"]), affine_tx)
+                fixed_r, moving_r = fixed_w, moving_w
+                if for_registration["fixed"] is not fixed:
+                    fixed_r = resample(for_registration["fixed"], grid, default=_background(for_registration["fixed"]))
+                if for_registration["moving"] is not moving:
+                    moving_r = resample(for_registration["moving"], grid, affine_tx,
+                                        default=_background(for_registration["moving"]))
+                fixed_w_reg = masked(fixed_r, mask_image(locations["fixed"]))
+                moving_w_reg = masked(moving_r, mask_image(locations["moving"]), affine_tx)
             guide = None
             if guide_labels is not None:
                 guide = [_guide_on(labels, grid, transform, role, card["labels"]) for labels, transform, role in
@@ -379,6 +412,8 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
         }
         if brain_info is not None:
             qc["brain"] = brain_info
+        if contrast_record is not None:
+            qc["contrast"] = contrast_record
         if fixed_mask is not None:
             for role, mask in (("fixed", fixed_mask), ("moving", moving_mask)):
                 qc[f"{role}_brain_mask_ml"] = round(float(sitk.GetArrayViewFromImage(mask).sum()) *
