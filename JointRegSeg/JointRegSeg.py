@@ -58,6 +58,7 @@ STAGE_WORDS = {
     "affine pre-alignment": _("Aligning the volumes (affine)…"),
     "resample to working grid": _("Preparing the volumes…"),
     "find the brains": _("Finding the brain in each volume…"), "network inference": _("Running the network…"),
+    "match contrasts": _("Matching the two volumes' contrasts…"),
     "velocity scale": _("Choosing the deformation's strength…"),
     "test-time refinement": _("Refining the alignment…"),
     "compose transform": _("Building the transform…"), "warp moving": _("Warping the moving volume…"),

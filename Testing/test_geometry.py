@@ -130,3 +130,27 @@ def test_results_do_not_depend_on_storage_order(sample_brain):
     distance = np.array([np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p))) for p in points])
     print(f"storage order: median {np.median(distance):.4f} mm, max {distance.max():.4f} mm")
     assert distance.max() < 0.1
+
+
+def test_jacobian_of_a_field_slab_by_slab_equals_the_whole_and_the_written_field_is_the_transform(tmp_path,
+                                                                                                 tiny_model):
+    """det J is taken slab by slab from the field sampled once on the fixed grid; that same field is what
+    displacement_field.nii.gz holds, and it equals the written transform sampled on the fixed grid."""
+    from JointRegSegLib.core.geometry import jacobian_determinant, jacobian_determinant_of_field
+    fixed_grid = grid_for("lps-oblique")
+    field_mm = smooth_field(physical_points(fixed_grid) - physical_center(fixed_grid), 3.0).astype(np.float32)
+    whole = jacobian_determinant(field_mm, fixed_grid)
+    slabbed = jacobian_determinant_of_field(field_mm, fixed_grid, budget_bytes=fixed_grid.GetSize()[0] *
+                                            fixed_grid.GetSize()[1] * 60 * 5)    # a few slices a slab
+    np.testing.assert_array_equal(slabbed, whole)
+    moving = sample_on(grid_for("axis-aligned"), phantom_array)
+    result = register_and_segment(moving, sample_on(fixed_grid, phantom_array), tiny_model, device="cpu")
+    write_result(result, tmp_path)
+    written = sitk.ReadImage(str(tmp_path / "displacement_field.nii.gz"))
+    transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    resampled = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, fixed_grid.GetSize(),
+                                                  fixed_grid.GetOrigin(), fixed_grid.GetSpacing(),
+                                                  fixed_grid.GetDirection())
+    np.testing.assert_allclose(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(resampled), atol=1e-4)
+    det = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "jacobian_determinant.nii.gz")))
+    np.testing.assert_allclose(det, jacobian_determinant(sitk.GetArrayFromImage(written), fixed_grid), atol=1e-5)

@@ -77,3 +77,20 @@ def test_smooth_probabilities_through_a_rotation_match_itk_resampling_and_a_warp
     assert affine_index_map(reference, grid, sitk.DisplacementFieldTransform(bump)) is None   # not linear
     np.testing.assert_array_equal(labels_on(probabilities, grid, reference, bend),
                                   _everywhere(probabilities, grid, reference, bend))
+
+
+def test_brain_mask_from_the_background_channel_equals_the_two_class_argmax():
+    """brain_on resamples only the background probability: the same voxels as the argmax of the two-class
+    map (background, brain) at threshold 1/2, through a rotation and without one."""
+    from JointRegSegLib.inference.brainmask import brain_on
+    generator = torch.Generator().manual_seed(5)
+    grid = make_grid((30, 36, 28), (2.0, 2.0, 2.0), rotation((0.0, 5.0, 0.0)), np.array([1.0, -2.0, 0.0]))
+    background = torch.sigmoid(torch.nn.functional.avg_pool3d(torch.randn(1, 1, 28, 36, 30, generator=generator),
+                                                              5, 1, 2) * 20)[0, 0]
+    two_class = torch.stack([background, 1 - background])[None]
+    reference = make_grid((64, 50, 58), (0.9, 1.2, 1.1), rotation((-8.0, 12.0, 5.0)), np.array([-2.0, 3.0, 0.0]))
+    affine = sitk.AffineTransform(rotation((6.0, -4.0, 2.0)).ravel().tolist(), (1.5, 0.5, -2.0), (0.0, 0.0, 0.0))
+    for transform in (None, affine):
+        brain = brain_on(background, grid, reference, transform, 0.5)
+        assert 0.1 < brain.mean() < 0.9
+        np.testing.assert_array_equal(brain, labels_on(two_class, grid, reference, transform) == 1)

@@ -59,7 +59,8 @@ def _centroid(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
 def locate_brain(image: sitk.Image, card: dict, segment, device, final_segment=None) -> BrainLocation:
     """Segment `image` (`segment`: a quick pass) on the card's working grid, move the grid to the centre of the
     brain found when it lies more than RECENTRE_MM away, and segment there (with `final_segment` when given,
-    e.g. the mirror-averaged segmentation the run keeps; else `segment` again, only if the grid moved)."""
+    e.g. the mirror-averaged segmentation the run keeps; else `segment` again, only if the grid moved).
+    `final_segment(tensor, direct)`: `direct` is the quick pass's probabilities on the same grid, or None."""
     spec = card["working_grid"]
     direction = np.array(spec.get("direction", np.eye(3).ravel()), float).reshape(3, 3)
     grid = working_grid(image, card)
@@ -78,7 +79,12 @@ def locate_brain(image: sitk.Image, card: dict, segment, device, final_segment=N
         if np.linalg.norm(centre - current) >= RECENTRE_MM:
             grid, moved = make_grid(spec["size"], spec["spacing"], direction, centre), float(np.linalg.norm(centre - current))
             probabilities = None
-    if final_segment is not None or probabilities is None:
+    if probabilities is not None and final_segment is not None:
+        # the grid stayed: the quick pass is the final segmentation's unmirrored half, not run again
+        quick = probabilities
+        image_w, probabilities = on(grid, lambda tensor: final_segment(tensor, quick))
+        mask = brain_of(probabilities)
+    elif probabilities is None:
         image_w, probabilities = on(grid, final_segment or segment)
         mask = brain_of(probabilities)
     return BrainLocation(grid, image_w, probabilities, mask, moved)
@@ -96,6 +102,18 @@ def masked(image: sitk.Image, brain: sitk.Image, transform: sitk.Transform | Non
     space to the mask's) set to the image's background: what a skull-stripping tool hands over."""
     on_image = resample(brain, image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.Mask(image, on_image, outsideValue=background_value(image))
+
+
+def brain_on(background: torch.Tensor, grid: sitk.Image, reference: sitk.Image, transform, below: float) -> np.ndarray:
+    """Brain voxels (z, y, x) of `reference`: where the background probability (z, y, x on the working
+    `grid`), linearly resampled through `transform` (reference point -> grid point), is below `below`;
+    outside the grid: background. One channel resampled by ITK: the same voxels as the argmax of the two-class
+    map (background, brain) through fullres_labels, several times faster."""
+    probability = sitk.GetImageFromArray(background.numpy().astype(np.float32))
+    probability.CopyInformation(grid)
+    on_reference = sitk.Resample(probability, reference, transform or sitk.Transform(), sitk.sitkLinear, 1.0,
+                                 sitk.sitkFloat32)
+    return sitk.GetArrayViewFromImage(on_reference) < below
 
 
 def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:

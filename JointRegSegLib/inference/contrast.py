@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .brainmask import BrainLocation, background_value
 
@@ -65,9 +66,10 @@ def _brain_voxels(location: BrainLocation) -> tuple[np.ndarray, np.ndarray]:
     """Intensities (n,) and brain-class weights (n, C-1) of the voxels inside the location's brain: a class's
     probability where it is at least 1/2, else 0 (the long tails of every class over the whole brain would
     pull a small tissue's mean towards the brain's)."""
-    intensities = sitk.GetArrayViewFromImage(location.image)[location.mask].astype(np.float64)
-    probabilities = location.probabilities[0, 1:].cpu().numpy()[:, location.mask].T.astype(np.float64)
-    return intensities, np.where(probabilities >= CONFIDENT, probabilities, 0.0)
+    inside = torch.from_numpy(location.mask)
+    intensities = torch.from_numpy(sitk.GetArrayFromImage(location.image))[inside].double().numpy()
+    probabilities = location.probabilities[0, 1:].cpu()[:, inside].T
+    return intensities, torch.where(probabilities >= CONFIDENT, probabilities, 0.0).double().numpy()
 
 
 def _tissue_means(intensities: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,22 +103,22 @@ def contrast_map(moving: BrainLocation, fixed: BrainLocation, t1_like: np.ndarra
                    for role in locations}
     source = min(locations, key=lambda role: t1_likeness[role])
     target = OTHER[source]
+    if agreement >= AGREEMENT_THRESHOLD:      # one contrast: nothing will be mapped, no table to build
+        return ContrastMap(agreement, source, t1_likeness, np.zeros(1), np.zeros(1))
     source_i, source_p = voxels[source]
-    target_means = means[target][0][shared]
     # equal-width bins over the mapped brain's intensities (quantile bins would mix a small bright tissue
     # with its neighbour's tail; empty bins between tissues are left to the interpolation); each bin's value:
     # the other brain's means of the bin's tissues, weighted by how much of each tissue the bin holds
     low, high = np.percentile(source_i, [0.1, 99.9])
     edges = np.linspace(low, max(high, low + 1e-6), BINS + 1)
     which = np.clip(np.searchsorted(edges, source_i, side="right") - 1, 0, BINS - 1)
-    centres, values = [], []
-    for b in range(BINS):
-        in_bin = which == b
-        tissue = source_p[in_bin][:, shared].sum(0)
-        if not in_bin.any() or tissue.sum() <= 0:
-            continue
-        centres.append(float(source_i[in_bin].mean()))
-        values.append(float((tissue * target_means).sum() / tissue.sum()))
+    count = np.bincount(which, minlength=BINS)
+    centres = np.bincount(which, weights=source_i, minlength=BINS) / np.maximum(count, 1)
+    tissue = np.stack([np.bincount(which, weights=source_p[:, k], minlength=BINS) for k in np.flatnonzero(shared)], 1)
+    weight = tissue.sum(1)
+    kept = (count > 0) & (weight > 0)
+    centres = list(centres[kept])
+    values = list((tissue[kept] @ means[target][0][shared]) / weight[kept])
     # the mapped image's background (air, or what masking leaves) goes to the other image's background
     points = np.array([background_value(locations[source].image)] + centres)
     mapped = np.array([background_value(locations[target].image)] + values)

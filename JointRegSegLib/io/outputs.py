@@ -169,9 +169,11 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
         def write_transform():
             transform = result.transform
             sitk.WriteTransform(transform, target("transform"))
-            field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
-                                                      result.warped.GetOrigin(), result.warped.GetSpacing(),
-                                                      result.warped.GetDirection())
+            field = getattr(result, "displacement_float32", None)   # sampled already by the run
+            if field is None:
+                field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
+                                                          result.warped.GetOrigin(), result.warped.GetSpacing(),
+                                                          result.warped.GetDirection())
             write_stored_gzip(field, target("displacement"))
 
         def write_segmentations():
