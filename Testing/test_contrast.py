@@ -52,7 +52,7 @@ def test_a_t2_like_moving_brain_is_mapped_into_the_t1_fixed_brains_contrast():
     mapping = contrast_map(moving, fixed, T1_LIKE)
     assert mapping.agreement < 0 and mapping.applies
     assert mapping.mapped_role == "moving"
-    assert mapping.record()["mapped"] == "moving into the fixed image's contrast"
+    assert mapping.record()["mapped"] == "moving image mapped into the fixed image's contrast"
     mapped = mapping.apply(moving.image)
     for tissue in CHANNELS:   # each tissue lands within 5 % of the fixed brain's intensity for it
         assert _mean_of(mapped, moving, tissue) == pytest.approx(T1[tissue] * 3.0, rel=0.05), tissue
@@ -102,9 +102,12 @@ def test_the_default_model_registers_a_t2_like_brain_in_the_t1_brains_contrast_a
     t1 = register_and_segment(moving, fixed, model, device="cpu")
     assert t1.qc["contrast"]["mapped"] is None
     t2 = register_and_segment(_t2_like(moving), fixed, model, device="cpu")
-    assert t2.qc["contrast"]["mapped"] == "moving into the fixed image's contrast"
+    assert t2.qc["contrast"]["mapped"] == "moving image mapped into the fixed image's contrast"
     assert t2.qc["contrast"]["tissue_contrast_agreement"] < 0.5
     assert t2.qc["registration_status"] == "ok"
+    from JointRegSegLib.io.report import self_check_lines
+    assert any("the registration saw the moving image mapped into the fixed image's contrast" in line
+               for line in self_check_lines(t2))
     # the warped T2-like labels land where the T1 run puts them (Dice of the two warped segmentations)
     a, b = (sitk.GetArrayFromImage(r.warped_moving_segmentation) > 0 for r in (t1, t2))
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9

@@ -2,7 +2,8 @@
 only and default, against ANTs SyN (antspyx defaults) in the same run, with each run's self-check.
 
     python benchmarks/rawscans.py --model M.safetensors [--baseline-model OLD.safetensors] [--threads 2]
-                                  [--peers ants-syn] [--families brain,head,contrast,thick] [--out benchmarks/rawscans]
+                                  [--peers ants-syn] [--families brain,head,contrast,thick] [--poses 3]
+                                  [--out benchmarks/rawscans]
 
 Held-out anatomy: Colin27 (Debian mricron-data `ch2` head, `ch2bet` brain, AAL labels); no image or label map
 of it is a training source. Every pair has Colin27 on one side. The other side is a population template (FSL
@@ -17,6 +18,8 @@ Families:
   PD-like (CSF and grey matter bright, white matter darker), either side, against the T1 templates;
 - thick: Colin27 brain with 1 x 1 x 5 mm axial slices or 3 mm coronal slices (slice profile blurred),
   either side.
+With `--poses N` every pair is also run N - 1 more times with the moving anatomy moved by a random rigid
+transform (seeded), so that each family's comparison has several seeds and a spread.
 Scored on the 14 structures (7 per side) the held-out AAL labels define: registration Dice warps the moving
 image's true labels with each method's transform; segmentation Dice compares the method's fixed segmentation
 with the fixed image's true labels. The self-check table lists each pair's `registration_status` and mean
@@ -160,6 +163,44 @@ def build_pairs(folder: Path, families) -> dict[str, Path]:
     return out
 
 
+POSE_DEGREES, POSE_MM = 10.0, 10.0   # a random pose: rotation up to this about each axis, shift up to this
+
+
+def add_poses(folder: Path, csvs: dict, poses: int) -> dict[str, Path]:
+    """Pairs CSVs with each family's pairs `poses` times: pose 0 as built, pose k >= 1 with the moving image
+    and its labels moved by a random rigid transform (seeded by k and the image; rotation up to POSE_DEGREES
+    about each axis around the image centre, shift up to POSE_MM), resampled on the moving image's own
+    (oblique) grid: the anatomy itself re-posed, not only its storage. Each pose is a seed of the comparison."""
+    if poses <= 1:
+        return csvs
+    out = {}
+    for family, csv_path in csvs.items():
+        lines = csv_path.read_text(encoding="utf-8").splitlines()
+        rows = list(lines[1:])
+        for line in lines[1:]:
+            name, moving, fixed, moving_labels, fixed_labels = line.split(",")
+            for pose in range(1, poses):
+                posed = f"{moving[:-len('.nii.gz')]}_pose{pose}"
+                if not (folder / f"{posed}_labels.nii.gz").is_file():
+                    rng = np.random.default_rng([pose, *moving.encode()])   # one pose per image and k
+                    image = sitk.ReadImage(str(folder / moving), sitk.sitkFloat32)
+                    labels = sitk.ReadImage(str(folder / moving_labels))
+                    rigid = sitk.Euler3DTransform()
+                    rigid.SetCenter(image.TransformContinuousIndexToPhysicalPoint(
+                        [(n - 1) / 2 for n in image.GetSize()]))
+                    rigid.SetRotation(*np.deg2rad(rng.uniform(-POSE_DEGREES, POSE_DEGREES, 3)))
+                    rigid.SetTranslation(rng.uniform(-POSE_MM, POSE_MM, 3).tolist())
+                    background = float(sitk.GetArrayViewFromImage(image).min())
+                    sitk.WriteImage(sitk.Resample(image, image, rigid, sitk.sitkLinear, background),
+                                    str(folder / f"{posed}.nii.gz"), True)
+                    sitk.WriteImage(sitk.Resample(labels, labels, rigid, sitk.sitkNearestNeighbor, 0),
+                                    str(folder / f"{posed}_labels.nii.gz"), True)
+                rows.append(f"{name}_pose{pose},{posed}.nii.gz,{fixed},{posed}_labels.nii.gz,{fixed_labels}")
+        out[family] = folder / f"pairs_{family}_poses{poses}.csv"
+        out[family].write_text("\n".join([lines[0]] + rows) + "\n", encoding="utf-8")
+    return out
+
+
 class Recording(JointRegSegMethod):
     """JointRegSegMethod that keeps each run's qc (self-check) in order."""
 
@@ -192,8 +233,8 @@ def earlier_peer_rows(path: Path, pair_names: set) -> list[dict]:
 
 
 def family_table(rows_by_family: dict, reference: str) -> str:
-    lines = ["| family | pairs | method | reg. Dice mean | worst pair / SyN's there | pairs below 0.9 x SyN | "
-             "seg. Dice (fixed) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| family | pairs | method | reg. Dice mean | mean of each pose | worst pair / SyN's there | "
+             "pairs below 0.9 x SyN | seg. Dice (fixed) |", "|---|---|---|---|---|---|---|---|"]
     for family, rows in rows_by_family.items():
         methods = list(dict.fromkeys(r["method"] for r in rows))
         syn = {r["pair"]: r["registration_dice"] for r in rows if r["method"] == reference}
@@ -204,7 +245,12 @@ def family_table(rows_by_family: dict, reference: str) -> str:
             worst = min(ratios, key=lambda t: t[0]) if ratios else None
             below = sum(1 for ratio, _ in ratios if ratio < 0.9)
             seg = [r["segmentation_dice"] for r in mine if r["segmentation_dice"] == r["segmentation_dice"]]
-            lines.append(f"| {family} | {len(mine)} | {method} | {dice.mean():.3f} | "
+            by_pose = {}
+            for r in mine:
+                by_pose.setdefault(r["pair"].rsplit("_pose", 1)[1] if "_pose" in r["pair"] else "0", []).append(
+                    r["registration_dice"])
+            poses = " / ".join(f"{np.mean(v):.3f}" for _, v in sorted(by_pose.items()))
+            lines.append(f"| {family} | {len(mine)} | {method} | {dice.mean():.3f} | {poses} | "
                          + (f"{worst[1]['registration_dice']:.3f} / {syn[worst[1]['pair']]:.3f} ({worst[1]['pair']})"
                             if worst else "–") + f" | {below if ratios else '–'} | "
                          + (f"{np.mean(seg):.3f}" if seg else "–") + " |")
@@ -223,12 +269,15 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-peers", default=None, metavar="DIR",
                         help="take the peers' rows from an earlier run's results_<family>.csv in DIR (the same "
                              "cached pairs) instead of running them again; RESULTS.md says so")
+    parser.add_argument("--poses", type=int, default=1,
+                        help="each pair this many times: pose 0 as built, the others with the moving anatomy moved "
+                             f"by a random rigid transform (up to {POSE_DEGREES:.0f} deg, {POSE_MM:.0f} mm)")
     parser.add_argument("--work", default=str(HERE / "work" / "rawscans"))
     parser.add_argument("--out", default=str(HERE / "rawscans"))
     args = parser.parse_args(argv)
     threads = use_threads(args.threads)
     families = [f for f in args.families.split(",") if f]
-    csvs = build_pairs(Path(args.work) / "pairs", families)
+    csvs = add_poses(Path(args.work) / "pairs", build_pairs(Path(args.work) / "pairs", families), args.poses)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_by_family, checks = {}, []
@@ -237,8 +286,12 @@ def main(argv=None) -> int:
         table = BRAIN_TABLE if family == "head-brainmask" else LABEL_TABLE
         network_only = Recording(args.model, 0, "cpu", name="JointRegSeg (network only)", scale_search=False,
                                  segment=family != "head-brainmask")
-        default = Recording(args.model, 0, "cpu", name="JointRegSeg (default)", segment=family != "head-brainmask")
-        methods = [network_only, default]
+        default = network_only
+        methods = [network_only]
+        if network_only.model.card.get("inference", {}).get("scales"):
+            # a card that searches the velocity scale by default: its default run is another row
+            default = Recording(args.model, 0, "cpu", name="JointRegSeg (default)", segment=family != "head-brainmask")
+            methods.append(default)
         if args.rendered_variant:
             # the same model registering images rendered from its own segmentations (card registration_input)
             rendered = Recording(args.model, 0, "cpu", name="JointRegSeg (network only, segmentation-rendered input)",
@@ -258,7 +311,7 @@ def main(argv=None) -> int:
             checks.append({"family": family, "pair": pair.name, "status": qc.get("registration_status"),
                            "agreement_mean": qc.get("agreement_mean"),
                            "attempts": qc.get("registration_attempts"), "warnings": qc.get("warnings"),
-                           "brain": qc.get("brain")})
+                           "brain": qc.get("brain"), "contrast": qc.get("contrast")})
         with open(out / f"results_{family}.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
             writer.writeheader()
@@ -269,14 +322,20 @@ def main(argv=None) -> int:
                     + ", ".join(f"{a['affine_method']}: {a['agreement_mean']}" for a in c["attempts"] or []) + " |"
                     for c in checks]
     text = (f"# Raw-scan benchmark\n\nGenerated {datetime.date.today()} by `python benchmarks/rawscans.py --model "
-            f"{Path(args.model).name}` with {threads} threads; "
+            f"{Path(args.model).name} --poses {args.poses}` with {threads} threads; "
             + (f"the peers' rows are those of the earlier run in `{args.reuse_peers}` on the same cached pairs "
                "(not run again here)" if args.reuse_peers else "every method ran on the same pairs in this one run")
             + ".\n\n"
             f"{environment_lines()}\nColin27 is held out of training on every pair; the templates and the ITK head "
             "were training sources (see the script's docstring). Registration Dice over the 14 structures of the "
             "held-out AAL labels (brain mask for head-brainmask); network only = no velocity-scale search, no "
-            "refinement.\n\n" + family_table(rows_by_family, "ants-syn")
+            "refinement. "
+            + (f"Every pair {args.poses} times: pose 0 as built, poses 1-{args.poses - 1} with the moving anatomy "
+               f"moved by a random rigid transform (up to {POSE_DEGREES:.0f} deg about each axis, {POSE_MM:.0f} mm); "
+               "'mean of each pose' is the family mean per pose, its spread the seeds' spread. "
+               if args.poses > 1 else "")
+            + "JointRegSeg's default card (contrast-matched registration, no velocity-scale search) is the "
+            "network-only row.\n\n" + family_table(rows_by_family, "ants-syn")
             + "\n## Self-check of each default run\n\n" + "\n".join(check_lines) + "\n")
     (out / "RESULTS.md").write_text(text, encoding="utf-8")
     print(text)

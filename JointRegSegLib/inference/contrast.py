@@ -3,11 +3,13 @@
 The registration network was trained on synthetic pairs of random contrasts, yet it registers a T2- or
 PD-like brain onto a T1 one worse than two T1 brains (held-out Colin27, benchmarks/rawscans). The
 segmentation, trained the same way, is far less contrast-sensitive, so the model already knows which
-tissue every voxel of both images is. From that it builds an intensity look-up table: for each moving
-intensity, the mean fixed intensity of the tissues the moving voxels of that intensity belong to
-(soft: weighted by the network's class probabilities). It is a function of intensity alone, so the
-texture within a tissue and partial-volume edges survive, and it needs no monotone relation (PD-like
-images put grey matter above white matter and CSF in between).
+tissue every voxel of both images is. From that it builds an intensity look-up table: for each intensity
+of the image to map, the mean intensity in the other image of the tissues that image's voxels of that
+intensity belong to (weighted by the network's confident class probabilities). It is a function of
+intensity alone, so the texture within a tissue and partial-volume edges survive, and it needs no monotone
+relation (PD-like images put grey matter above white matter and CSF in between). None of the five seed
+papers does this; it is this project's answer to the other-contrast pairs, and it uses only the model's
+own outputs (no classical registration).
 
 It is applied only when the two images' tissue contrasts disagree: the weighted correlation of the
 per-tissue mean intensities of the two images falls below AGREEMENT_THRESHOLD. On two T1 images the map
@@ -55,7 +57,7 @@ class ContrastMap:
     def record(self) -> dict:
         return {"tissue_contrast_agreement": round(self.agreement, 3),
                 "t1_likeness": {role: round(value, 3) for role, value in self.t1_likeness.items()},
-                "mapped": f"{self.mapped_role} into the {OTHER[self.mapped_role]} image's contrast"
+                "mapped": f"{self.mapped_role} image mapped into the {OTHER[self.mapped_role]} image's contrast"
                 if self.applies else None}
 
 

@@ -357,6 +357,12 @@ def self_check_lines(result) -> list[str]:
     warnings = registration_warnings(qc)
     if warnings:
         lines += ["**Warnings:**", ""] + [f"- {w}" for w in warnings] + [""]
+    contrast = qc.get("contrast") or {}
+    if contrast.get("mapped"):
+        lines += [f"Contrasts: the two images' tissue contrasts differ (agreement "
+                  f"{_score(contrast.get('tissue_contrast_agreement'))}), so the registration saw the "
+                  f"{contrast['mapped']}, built from the network's own segmentations; every output is of the "
+                  "original images.", ""]
     masks = [(role, getattr(result, f"{role}_brain_mask", None)) for role in ("fixed", "moving")]
     if any(mask is not None for _, mask in masks):
         lines += ["| brain mask | volume (ml) | file |", "|---|---|---|"]
