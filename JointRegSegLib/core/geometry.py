@@ -231,6 +231,24 @@ def resample_in_slabs(image: sitk.Image, reference: sitk.Image, transform: sitk.
     return out
 
 
+def jacobian_determinant_of_transform(transform: sitk.Transform, reference: sitk.Image,
+                                      budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
+    """det J (float32, z, y, x) of `transform` sampled on `reference`, one z-slab (plus a 1-slice halo) at a
+    time: equal to `jacobian_determinant` of the whole sampled field, at a fraction of its memory."""
+    nz = reference.GetSize()[2]
+    det = np.empty(reference.GetSize()[::-1], dtype=np.float32)
+    for z0, z1 in slab_ranges(reference, 8 * 3 * 5, budget_bytes):
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
+        size, origin, spacing, direction = _slab(reference, lo, hi)
+        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, origin, spacing,
+                                                  direction)
+        slab_grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        slab_grid.SetSpacing(spacing)
+        slab_grid.SetDirection(direction)
+        det[z0:z1] = jacobian_determinant(sitk.GetArrayViewFromImage(field), slab_grid)[z0 - lo: z0 - lo + z1 - z0]
+    return det
+
+
 def jacobian_determinant_of_field(field_mm: np.ndarray, reference: sitk.Image,
                                   budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
     """det J (float32, z, y, x) of a displacement field (z, y, x, 3; mm) sampled on `reference`, one z-slab

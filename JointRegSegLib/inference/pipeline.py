@@ -23,8 +23,8 @@ from ..models.checkpoint import JointRegSegModel, load_model
 from ..core.device import resolve_device, run_with_cpu_fallback
 from .fullres_labels import labels_on
 from ..core.geometry import (border_taper, canonical_storage, displacement_image, displacement_on,
-                       jacobian_determinant_of_field, resample, to_tensor, total_transform,
-                       voxel_ddf_to_mm, working_grid)
+                       jacobian_determinant_of_field, jacobian_determinant_of_transform, resample, to_tensor,
+                       total_transform, voxel_ddf_to_mm, working_grid)
 from ..core.errors import CheckpointError, InputImageError
 from ..io.imageio import label_image_like, validate_volume
 from ..io.input_checks import input_warnings
@@ -91,6 +91,9 @@ class _Attempt:
 # what the registration network is shown: the images; renderings of both from their own segmentations; or
 # the images with one mapped into the other's contrast when their tissue contrasts differ (contrast.py)
 REGISTRATION_INPUTS = ("images", "segmentation", "contrast-matched")
+# the fixed-grid displacement field (12 bytes a voxel) is kept from the quality control for the writer up to
+# this size (a 1 mm head: 87 MB); larger ones are sampled twice rather than held (the 4 GB bar at 512x512x300)
+FIELD_KEPT_BYTES = 256 * 1024 ** 2
 
 
 def _as_model(model, device) -> JointRegSegModel:
@@ -385,9 +388,15 @@ def register_and_segment(moving: sitk.Image, fixed: sitk.Image, model, device: s
             fixed_mask = full_resolution_mask(brain_on(brains[0], grid, fixed, None, below), fixed)
             moving_mask = full_resolution_mask(brain_on(brains[1], grid, moving, to_grid, below), moving)
     with reporter.stage("quality control"):
-        # the transform sampled on the fixed grid once: for det J here and for displacement_field.nii.gz
-        fixed_grid_field = displacement_on(transform, fixed, sitk.sitkVectorFloat32)
-        det = jacobian_determinant_of_field(sitk.GetArrayViewFromImage(fixed_grid_field), fixed)
+        fixed_grid_field = None
+        if 12 * int(np.prod(fixed.GetSize())) <= FIELD_KEPT_BYTES:
+            # the transform sampled on the fixed grid once: for det J here and for displacement_field.nii.gz
+            fixed_grid_field = displacement_on(transform, fixed, sitk.sitkVectorFloat32)
+            det = jacobian_determinant_of_field(sitk.GetArrayViewFromImage(fixed_grid_field), fixed)
+        else:
+            # a large fixed grid (a 512x512x300 field is 0.9 GB): det J slab by slab from the transform, and
+            # the writer samples the field when it writes it, once the run's other arrays are gone
+            det = jacobian_determinant_of_transform(transform, fixed)
         jac = determinant_stats(det)
         det_image = sitk.GetImageFromArray(det)
         det_image.CopyInformation(fixed)
