@@ -16,6 +16,8 @@ Families:
   ITK head (scored on the brain mask only: the ITK subject has no structure labels);
 - contrast: Colin27 brain rendered T2-like (intensity inverted inside the brain: CSF bright, WM dark) or
   PD-like (CSF and grey matter bright, white matter darker), either side, against the T1 templates;
+- flair (only with --families flair): Colin27 brain rendered FLAIR-like (CSF dark, grey matter above white
+  matter), either side, against both T1 templates;
 - thick: Colin27 brain with 1 x 1 x 5 mm axial slices or 3 mm coronal slices (slice profile blurred),
   either side.
 With `--poses N` every pair is also run N - 1 more times with the moving anatomy moved by a random rigid
@@ -71,12 +73,14 @@ def _grid(image, oblique: bool, head: bool, spacing=None, angles=(8.0, 0.0, 10.0
 
 
 def _contrast(image: sitk.Image, kind: str) -> sitk.Image:
-    """T2-like or PD-like rendering of a T1 image (background stays 0)."""
+    """T2-like, PD-like or FLAIR-like rendering of a T1 image (background stays 0)."""
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     inside = array > 0
     p5, p40, p60, p95 = np.percentile(array[inside], [5, 40, 60, 95])
     if kind == "t2":
         out = np.interp(array, [p5, p40, p95], [1.0, 0.55, 0.3])
+    elif kind == "flair":   # fluid suppressed: CSF dark as in T1, white matter darker than grey as in T2
+        out = np.interp(array, [p5, p40, p60, p95], [0.12, 0.8, 0.7, 0.5])
     else:
         out = np.interp(array, [p5, p40, p60, p95], [0.8, 0.95, 0.85, 0.65])
     out = np.where(inside, out * 1000, 0).astype(np.float32)
@@ -103,8 +107,10 @@ def build_pairs(folder: Path, families) -> dict[str, Path]:
     """One pairs CSV per family (and `head-brainmask` for the ITK head pairs) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "pairs.json"
-    if done.is_file():
-        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    built = {k: Path(v) for k, v in json.loads(done.read_text()).items()} if done.is_file() else {}
+    if built and all(f in built for f in families):
+        return built if not families else {k: v for k, v in built.items() if k in families
+                                           or (k == "head-brainmask" and "head" in families)}
     templates = {"mni152": _template("mni152"), "icbm2009c": _template("icbm2009c")}
     for name, (image, labels) in templates.items():
         _write(image, labels, folder, name, _grid(image, False, False))
@@ -145,6 +151,13 @@ def build_pairs(folder: Path, families) -> dict[str, Path]:
             _write(rendered, brain_labels, folder, f"colin27{kind}_oblique", _grid(brain, True, False))
             add("contrast", f"colin27{kind}_oblique", template)
             add("contrast", f"{template}_oblique", f"colin27{kind}")
+    if "flair" in families:
+        for template in templates:
+            rendered = _contrast(brain, "flair")
+            _write(rendered, brain_labels, folder, "colin27flair", _grid(brain, False, False))
+            _write(rendered, brain_labels, folder, "colin27flair_oblique", _grid(brain, True, False))
+            add("flair", "colin27flair_oblique", template)
+            add("flair", f"{template}_oblique", "colin27flair")
     if "thick" in families:
         for kind, spacing, sigma, template in (("axial5mm", (1.0, 1.0, 5.0), (0.0, 0.0, 5 / 2.355), "mni152"),
                                                ("coronal3mm", (1.0, 3.0, 1.0), (0.0, 3 / 2.355, 0.0), "icbm2009c")):
@@ -159,7 +172,7 @@ def build_pairs(folder: Path, families) -> dict[str, Path]:
         path = folder / f"pairs_{family}.csv"
         path.write_text("name,moving,fixed,moving_labels,fixed_labels\n" + "\n".join(lines) + "\n", encoding="utf-8")
         out[family] = path
-    done.write_text(json.dumps({k: str(v) for k, v in out.items()}))
+    done.write_text(json.dumps({**{k: str(v) for k, v in built.items()}, **{k: str(v) for k, v in out.items()}}))
     return out
 
 
