@@ -1109,6 +1109,10 @@ class JointRegSegLogic(ScriptedLoadableModuleLogic):
         elif status:
             text = (f"<b>&#9888; Registration: {html.escape(str(status))}</b>{measured} — check the alignment "
                     "before using the results<br>")
+        mapped = (qc.get("contrast") or {}).get("mapped")
+        if mapped:
+            text += (f"Contrasts differ: the registration saw the {html.escape(str(mapped))} (the outputs are of "
+                     "the original volumes)<br>")
         warnings = [w for w in qc.get("warnings") or [] if w]
         if warnings:
             text += "Warnings:<ul>" + "".join(f"<li>&#9888; {html.escape(str(w))}</li>" for w in warnings) + "</ul>"

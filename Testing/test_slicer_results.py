@@ -183,5 +183,9 @@ def test_the_qc_panel_shows_the_runs_status_and_warnings(ctx, monkeypatch):
     assert "Registration: check" in text and "0.41" in text and "&#9888;" in text
     assert "head &lt;MRI&gt;" in text and "low overlap" in text
     assert "Registration: ok" in module.JointRegSegLogic.describeQc(dict(qc, registration_status="ok", warnings=[]))
+    assert "Contrasts differ" not in text
+    mapped = dict(qc, contrast={"mapped": "moving image mapped into the fixed image's contrast"})
+    assert ("Contrasts differ: the registration saw the moving image mapped into the fixed image&#x27;s contrast"
+            in module.JointRegSegLogic.describeQc(mapped))
     older = {k: v for k, v in qc.items() if k not in ("registration_status", "agreement_mean", "warnings")}
     assert "Registration" not in module.JointRegSegLogic.describeQc(older)        # an engine before the self-check
