@@ -231,35 +231,32 @@ def resample_in_slabs(image: sitk.Image, reference: sitk.Image, transform: sitk.
     return out
 
 
-def jacobian_determinant_of_transform(transform: sitk.Transform, reference: sitk.Image,
-                                      budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
-    """det J (float32, z, y, x) of `transform` sampled on `reference`, one z-slab (plus a 1-slice halo) at a
-    time: equal to `jacobian_determinant` of the whole sampled field, at a fraction of its memory."""
+def _jacobian_in_slabs(reference: sitk.Image, field_of, bytes_per_voxel: int, budget_bytes: int) -> np.ndarray:
+    """det J (float32, z, y, x) on `reference`, one z-slab plus a 1-slice halo at a time, of the displacement
+    field (z, y, x, 3; mm) that `field_of(lo, hi)` gives for the slices [lo, hi): equal to
+    `jacobian_determinant` of the whole field, its temporaries bounded by the budget."""
     nz = reference.GetSize()[2]
     det = np.empty(reference.GetSize()[::-1], dtype=np.float32)
-    for z0, z1 in slab_ranges(reference, 8 * 3 * 5, budget_bytes):
+    for z0, z1 in slab_ranges(reference, bytes_per_voxel, budget_bytes):
         lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
-        size, origin, spacing, direction = _slab(reference, lo, hi)
-        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, origin, spacing,
-                                                  direction)
-        slab_grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-        slab_grid.SetSpacing(spacing)
-        slab_grid.SetDirection(direction)
-        det[z0:z1] = jacobian_determinant(sitk.GetArrayViewFromImage(field), slab_grid)[z0 - lo: z0 - lo + z1 - z0]
+        det[z0:z1] = jacobian_determinant(field_of(lo, hi), reference)[z0 - lo: z0 - lo + z1 - z0]
     return det
+
+
+def jacobian_determinant_of_transform(transform: sitk.Transform, reference: sitk.Image,
+                                      budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
+    """det J of `transform` sampled on `reference` slab by slab: the whole field is never held."""
+    def field_of(lo, hi):
+        size, origin, spacing, direction = _slab(reference, lo, hi)
+        return sitk.GetArrayFromImage(sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size,
+                                                                        origin, spacing, direction))
+    return _jacobian_in_slabs(reference, field_of, 8 * 3 * 5, budget_bytes)
 
 
 def jacobian_determinant_of_field(field_mm: np.ndarray, reference: sitk.Image,
                                   budget_bytes: int = 64 * 1024 ** 2) -> np.ndarray:
-    """det J (float32, z, y, x) of a displacement field (z, y, x, 3; mm) sampled on `reference`, one z-slab
-    (plus a 1-slice halo) at a time: equal to `jacobian_determinant` of the whole field, its temporaries
-    bounded by the budget (the field itself is read in place)."""
-    nz = field_mm.shape[0]
-    det = np.empty(field_mm.shape[:3], dtype=np.float32)
-    for z0, z1 in slab_ranges(reference, 4 * 3 * 5, budget_bytes):
-        lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
-        det[z0:z1] = jacobian_determinant(field_mm[lo:hi], reference)[z0 - lo: z0 - lo + z1 - z0]
-    return det
+    """det J of a displacement field (z, y, x, 3; mm) sampled on `reference`, read in place slab by slab."""
+    return _jacobian_in_slabs(reference, lambda lo, hi: field_mm[lo:hi], 4 * 3 * 5, budget_bytes)
 
 
 def displacement_on(transform: sitk.Transform, reference: sitk.Image, pixel_type=sitk.sitkVectorFloat64):

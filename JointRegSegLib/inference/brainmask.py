@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..core.geometry import make_grid, resample, to_tensor, working_grid
+from ..core.geometry import make_grid, resample, resample_in_slabs, to_tensor, working_grid
 from ..core.intensity import normalize
 
 RECENTRE_MM = 4.0          # a brain centre closer than this to the grid's centre is left where it is
@@ -107,13 +107,12 @@ def masked(image: sitk.Image, brain: sitk.Image, transform: sitk.Transform | Non
 def brain_on(background: torch.Tensor, grid: sitk.Image, reference: sitk.Image, transform, below: float) -> np.ndarray:
     """Brain voxels (z, y, x) of `reference`: where the background probability (z, y, x on the working
     `grid`), linearly resampled through `transform` (reference point -> grid point), is below `below`;
-    outside the grid: background. One channel resampled by ITK: the same voxels as the argmax of the two-class
-    map (background, brain) through fullres_labels, several times faster."""
+    outside the grid: background. One channel resampled by ITK, slab by slab: the same voxels as the argmax of
+    the two-class map (background, brain) through fullres_labels, several times faster."""
     probability = sitk.GetImageFromArray(background.numpy().astype(np.float32))
     probability.CopyInformation(grid)
-    on_reference = sitk.Resample(probability, reference, transform or sitk.Transform(), sitk.sitkLinear, 1.0,
-                                 sitk.sitkFloat32)
-    return sitk.GetArrayViewFromImage(on_reference) < below
+    return resample_in_slabs(probability, reference, transform, lambda slab: sitk.GetArrayViewFromImage(slab) < below,
+                             bool, default=1.0, pixel_type=sitk.sitkFloat32)
 
 
 def full_resolution_mask(labels: np.ndarray, like: sitk.Image) -> sitk.Image:

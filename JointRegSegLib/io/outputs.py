@@ -171,9 +171,8 @@ def write_result(result, out_dir: str | os.PathLike, extra_qc: dict | None = Non
             sitk.WriteTransform(transform, target("transform"))
             field = getattr(result, "displacement_float32", None)   # sampled already by the run
             if field is None:
-                field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, result.warped.GetSize(),
-                                                          result.warped.GetOrigin(), result.warped.GetSpacing(),
-                                                          result.warped.GetDirection())
+                from ..core.geometry import displacement_on   # not at import: the Slicer process reads this module
+                field = displacement_on(transform, result.warped, sitk.sitkVectorFloat32)
             write_stored_gzip(field, target("displacement"))
 
         def write_segmentations():
