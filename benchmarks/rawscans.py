@@ -152,10 +152,10 @@ def build_pairs(folder: Path, families) -> dict[str, Path]:
             add("contrast", f"colin27{kind}_oblique", template)
             add("contrast", f"{template}_oblique", f"colin27{kind}")
     if "flair" in families:
+        rendered = _contrast(brain, "flair")
+        _write(rendered, brain_labels, folder, "colin27flair", _grid(brain, False, False))
+        _write(rendered, brain_labels, folder, "colin27flair_oblique", _grid(brain, True, False))
         for template in templates:
-            rendered = _contrast(brain, "flair")
-            _write(rendered, brain_labels, folder, "colin27flair", _grid(brain, False, False))
-            _write(rendered, brain_labels, folder, "colin27flair_oblique", _grid(brain, True, False))
             add("flair", "colin27flair_oblique", template)
             add("flair", f"{template}_oblique", "colin27flair")
     if "thick" in families:
