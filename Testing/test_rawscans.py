@@ -44,6 +44,25 @@ def test_field_of_view_cut_removes_image_labels_and_brain_together():
     assert keep.shape == (1, 1, 20, 24, 20) and 0 < keep.float().mean() < 1
 
 
+def test_the_training_brain_leaves_out_the_csf_under_the_skull_and_keeps_the_ventricles():
+    # a template's mask (radius 30 mm) around tissue (radius 26 mm, bright) with a ventricle (dark, 8 mm,
+    # in the middle) and a dark 4 mm CSF layer between tissue and mask surface, on a 2 mm grid
+    from JointRegSegLib.data.wholebrain_sources import tissue_brain
+    z, y, x = np.mgrid[:40, :40, :40]
+    radius_mm = 2.0 * np.sqrt((z - 19.5) ** 2 + (y - 19.5) ** 2 + (x - 19.5) ** 2)
+    within = radius_mm <= 30
+    image = np.where(radius_mm <= 26, 100.0, 20.0)
+    image[radius_mm <= 8] = 15.0                      # ventricle
+    image[(radius_mm > 14) & (radius_mm <= 18)] = 60.0  # grey matter between
+    image[~within] = 0.0
+    brain = tissue_brain(image, within, 2.0)
+    assert brain[radius_mm <= 25].all()                          # tissue and the ventricle inside it
+    assert not brain[(radius_mm > 27.5) & within].any()          # the CSF layer under the mask's surface
+    # a label map's tissue always counts as brain
+    labelled = (radius_mm > 27.5) & within & (x < 10)
+    assert tissue_brain(image, within, 2.0, labelled=labelled)[labelled].all()
+
+
 def _logits(prediction: torch.Tensor, classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(prediction, classes).permute(3, 0, 1, 2)[None].float() * 8.0
 
@@ -169,3 +188,26 @@ def test_the_card_licence_is_checked_and_shown(tmp_path):
     with pytest.raises(CheckpointError, match="licence"):
         validate_card(broken)
     assert licence_text({"licence": {"weights": "CC-BY-NC-4.0", "note": "x"}}) == "CC-BY-NC-4.0 (x)"
+
+
+def test_a_cache_of_sources_drawn_under_an_older_brain_convention_is_built_again(tmp_path, monkeypatch):
+    import json
+    from JointRegSegLib.data import source_cache, wholebrain_sources
+    built = []
+
+    def tiny_sources():
+        built.append(1)
+        generation = np.zeros((4, 4, 4), np.int32)
+        generation[1:3, 1:3, 1:3] = 1
+        return [wholebrain_sources.PartialSource("tiny", generation, generation.astype(np.uint8), None, "test", "none",
+                                                 brain=generation > 0)]
+    monkeypatch.setattr(wholebrain_sources, "training_sources", tiny_sources)
+    source_cache.load_sources(tmp_path, "whole-brain")
+    source_cache.load_sources(tmp_path, "whole-brain")
+    assert len(built) == 1                                              # a current cache is reused
+    meta = json.loads((tmp_path / "sources.json").read_text())
+    meta.pop("brain")                                                   # as written before the convention
+    (tmp_path / "sources.json").write_text(json.dumps(meta))
+    sources, meta = source_cache.load_sources(tmp_path, "whole-brain")
+    assert len(built) == 2 and meta["brain"] == wholebrain_sources.BRAIN_CONVENTION
+    assert sources[0].brain.sum() == 8

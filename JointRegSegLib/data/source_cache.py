@@ -19,6 +19,10 @@ def load_sources(data_dir: Path, kind: str = "subcortical"):
     data_dir = Path(data_dir)
     path = data_dir / "sources.npz"
     meta_path = data_dir / "sources.json"
+    if kind == "whole-brain" and path.is_file() and meta_path.is_file() and json.loads(
+            meta_path.read_text(encoding="utf-8")).get("brain") != wholebrain_sources.BRAIN_CONVENTION:
+        # a cache built before the brains were drawn as they are now: build it again, never train on it
+        path.unlink()
     if not path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
         sources = (wholebrain_sources if kind == "whole-brain" else atlas_sources).training_sources()
@@ -33,8 +37,9 @@ def load_sources(data_dir: Path, kind: str = "subcortical"):
         meta = [{"name": s.name, "provenance": s.provenance, "licence": s.licence,
                  "has_target": s.target is not None, "has_image": s.image is not None,
                  **({"known": list(s.known), "head": s.head} if kind == "whole-brain" else {})} for s in sources]
-        meta_path.write_text(json.dumps({"grid": atlas_sources.COMMON_GRID, "kind": kind, "sources": meta}, indent=2),
-                             encoding="utf-8")
+        convention = {"brain": wholebrain_sources.BRAIN_CONVENTION} if kind == "whole-brain" else {}
+        meta_path.write_text(json.dumps({"grid": atlas_sources.COMMON_GRID, "kind": kind, **convention,
+                                         "sources": meta}, indent=2), encoding="utf-8")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("kind", "subcortical") != kind:
         raise ValueError(f"{data_dir} holds {meta.get('kind', 'subcortical')} sources, not {kind}: use another --data folder")
