@@ -96,6 +96,7 @@ def main(argv=None) -> int:
              "| case | " + " | ".join(f"Dice at {t}" for t in THRESHOLDS) + " | mask ml at card threshold | "
              "reference ml |", "|---|" + "---|" * (len(THRESHOLDS) + 2)]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name, image, reference in cases():
         truth = sitk.GetArrayFromImage(reference) > 0
         scores, volume = [], None
@@ -107,13 +108,11 @@ def main(argv=None) -> int:
             if threshold == card_threshold:
                 volume = mask.sum() * np.prod(image.GetSpacing()) / 1000
                 if name.startswith("Colin27 head, 1 mm"):
-                    out.mkdir(parents=True, exist_ok=True)
                     picture(image, mask, truth, out / "colin27_head_1mm.png", name)
         voxel_ml = np.prod(reference.GetSpacing()) / 1000
         lines.append(f"| {name} | " + " | ".join(f"{s:.3f}" for s in scores) + " | "
                      + (f"{volume:.0f}" if volume is not None else "–") + f" | {truth.sum() * voxel_ml:.0f} |")
         print(lines[-1], file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     if (out / "colin27_head_1mm.png").is_file():
         lines.append("\n![Colin27's 1 mm head: the model's brain mask (red) and ch2bet's (green)](colin27_head_1mm.png)")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

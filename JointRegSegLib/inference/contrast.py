@@ -29,7 +29,7 @@ import torch
 
 from .brainmask import BrainLocation, background_value
 
-AGREEMENT_THRESHOLD = 0.5   # rawscans, 54 pairs: same contrast >= 0.893, T2-/PD-like vs T1 <= 0.402
+AGREEMENT_THRESHOLD = 0.5   # rawscans, 54 pairs: same contrast >= 0.887, T2-/PD-like vs T1 <= 0.057 (phase 2: 0.893, 0.402)
 BINS = 64                   # intensity bins of the mapped brain
 MIN_CLASS_ML = 1.0          # tissues smaller than this in either brain do not vote
 CONFIDENT = 0.5             # a voxel votes for a tissue whose probability is at least this
